@@ -20,6 +20,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    os.chmod(tmp, 0o755)
     try:
         yield tmp
         if final.exists():

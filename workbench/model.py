@@ -48,6 +48,21 @@ class HookedModel:
         self.d_head: int = cfg.d_head
         self.n_ctx: int = cfg.n_ctx
         self.lock = threading.RLock()
+        self._kernel_model = None
+
+    @property
+    def kernel_model(self):
+        """Plain Hugging Face copy whose attention runs the workbench kernels (lazy, once).
+
+        Use it inside :func:`workbench.kernel_attention.kernel_forward`; see that module.
+        """
+        if self._kernel_model is None:
+            from workbench.kernel_attention import load_kernel_model
+
+            dtype = next(self.bridge.parameters()).dtype
+            device = next(self.bridge.parameters()).device
+            self._kernel_model = load_kernel_model(self.folder, dtype, str(device), self.causal)
+        return self._kernel_model
 
     @property
     def tokenizer(self):

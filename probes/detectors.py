@@ -1,0 +1,73 @@
+"""Head detectors (METRICS §2, TransformerLens conventions).
+
+- ``previous_token``: mean over real rows i >= 1 of ``A[i, i-1]``.
+- ``induction``: mean over rows that have a target of the mass on positions j whose previous
+  token equals token i (on a random block repeated twice: the second copy, ``A[i, i-L+1]``).
+- ``duplicate_token``: mean over rows that have one of the mass on earlier occurrences of
+  the same token.
+TransformerLens' ``detect_head`` ("mul") divides the same sums by all rows of the sequence;
+the tests check ours against it with that factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probes.base import Probe, concat_frames, head_table, masked_row_mean, mean_and_ci
+from workbench.capture import Capture
+
+DetectorName = Literal["previous_token", "induction", "duplicate_token"]
+_ROW_SOURCE = {"previous_token": "prev_token_mass", "induction": "induction_mass",
+               "duplicate_token": "duplicate_mass"}
+
+
+class Detectors(Probe):
+    """Previous-token, induction and duplicate-token scores per head, 95% interval over samples.
+
+    Attributes (after ``fit``):
+        per_sample_: detector -> ``[S, L, H]`` (NaN for samples where it is undefined).
+        mean_, ci_low_, ci_high_: detector -> ``[L, H]``.
+        layers_, heads_: captured indices.
+    """
+
+    name: ClassVar[str] = "detectors"
+    metrics: ClassVar[tuple[str, ...]] = tuple(_ROW_SOURCE)
+
+    def __init__(self, detectors: Sequence[DetectorName] | None = None) -> None:
+        self.metrics_selected = self.check_metrics(detectors)
+
+    def fit(self, capture: Capture) -> "Detectors":
+        positions = torch.arange(capture.tokens.shape[1])
+        self.per_sample_ = {}
+        for metric in self.metrics_selected:
+            rows = capture.row_stats[_ROW_SOURCE[metric]]
+            valid = capture.mask.clone()
+            if metric == "previous_token":
+                valid &= positions[None, :] >= 1
+            self.per_sample_[metric] = masked_row_mean(rows, valid[:, None, None, :])
+        self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
+        for metric, values in self.per_sample_.items():
+            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+        self.layers_, self.heads_ = list(capture.layers), list(capture.heads)
+        return self
+
+    def top_heads(self, detector: DetectorName, k: int = 5) -> list[tuple[int, int, float]]:
+        """The ``k`` highest-scoring heads as ``(layer, head, score)``."""
+        self._check_fitted("mean_")
+        self.check_metrics([detector])
+        scores = np.nan_to_num(self.mean_[detector], nan=-np.inf)
+        order = np.argsort(scores.ravel())[::-1][:k]
+        n_heads = len(self.heads_)
+        return [(self.layers_[i // n_heads], self.heads_[i % n_heads], float(scores.ravel()[i])) for i in order]
+
+    def to_frame(self) -> pd.DataFrame:
+        self._check_fitted("mean_")
+        return concat_frames([
+            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
+            for m in self.metrics_selected
+        ])

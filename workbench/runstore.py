@@ -1,0 +1,69 @@
+"""Run folders: ``heads.parquet`` + ``manifest.json`` + ``report.html``, written atomically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from workbench.atomic import atomic_dir
+from workbench.errors import InputError
+
+HEAD_COLUMNS = ["layer", "head", "probe", "metric", "value", "ci_low", "ci_high"]
+
+
+@dataclass
+class Run:
+    """A batch run read back from disk."""
+
+    path: Path
+    heads: pd.DataFrame
+    manifest: dict
+
+    @property
+    def label(self) -> str:
+        m = self.manifest
+        return f"{self.path.name} ({m.get('model', '?')}, {m.get('dataset', '?')})"
+
+
+def write_run(out: Path, heads: pd.DataFrame, manifest: dict, report_html: str | None = None,
+              extra_files: dict[str, str] | None = None) -> Path:
+    """Write a run folder; a killed run leaves no half-written folder under ``out``."""
+    missing = [c for c in HEAD_COLUMNS if c not in heads.columns]
+    if missing:
+        raise ValueError(f"head table lacks columns {missing}")
+    with atomic_dir(Path(out)) as tmp:
+        heads.to_parquet(tmp / "heads.parquet", index=False)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if report_html is not None:
+            (tmp / "report.html").write_text(report_html, encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out)
+
+
+def read_run(path: str | Path) -> Run:
+    """Read a run folder written by :func:`write_run`.
+
+    Raises:
+        InputError: not a folder, missing/corrupt ``heads.parquet`` or ``manifest.json``,
+            or a table without the expected columns.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise InputError(f"run folder {path} does not exist: give a folder written by 'workbench analyze --out'")
+    try:
+        heads = pd.read_parquet(path / "heads.parquet")
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise InputError(f"{path}/heads.parquet is missing or unreadable ({type(err).__name__}): "
+                         "re-run 'workbench analyze' to recreate the folder") from None
+    missing = [c for c in HEAD_COLUMNS if c not in heads.columns]
+    if missing:
+        raise InputError(f"{path}/heads.parquet lacks columns {missing}: it was not written by the workbench")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}/manifest.json is missing or invalid ({err}): re-run the analysis") from None
+    return Run(path, heads, manifest)
