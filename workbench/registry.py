@@ -69,7 +69,7 @@ REGISTRY: dict[str, ModelSpec] = {
             tiny_config=dict(
                 architecture="llama", hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=256,
+                max_position_embeddings=1024,
             ),
         ),
         ModelSpec(
@@ -77,7 +77,7 @@ REGISTRY: dict[str, ModelSpec] = {
             kind="tiny",
             description="randomly initialised 2-layer GPT-2 (4 heads) for tests",
             causal=True,
-            tiny_config=dict(architecture="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+            tiny_config=dict(architecture="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
         ),
         ModelSpec(
             name="tiny-bert",
@@ -86,7 +86,7 @@ REGISTRY: dict[str, ModelSpec] = {
             causal=False,
             tiny_config=dict(
                 architecture="bert", hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
             ),
         ),
     ]

@@ -1,0 +1,113 @@
+"""Every component id of the app, as a named constant (pages and callbacks import these).
+
+Ids of the shared shell (stores, navigation) have no prefix; page ids start with the page's
+short name. Each page that runs background jobs gets a :class:`JobIds` group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobIds:
+    """The ids of one page's job panel (store, poll timer, progress bar, cancel button, text)."""
+
+    store: str
+    interval: str
+    progress: str
+    cancel: str
+    status: str
+
+    @classmethod
+    def for_page(cls, page: str) -> "JobIds":
+        return cls(f"{page}-job-store", f"{page}-job-interval", f"{page}-job-progress",
+                   f"{page}-job-cancel", f"{page}-job-status")
+
+
+# ---------------------------------------------------------------- shell (app layout)
+URL = "url"
+SESSION = "session-store"            # per browser session: model, analysis key, selected head, prompt
+INTERVENTIONS = "interventions-store"  # per browser session: list of active head interventions
+NAV = "nav"
+SESSION_BADGE = "session-badge"      # model / prompt summary shown in the header
+
+# ---------------------------------------------------------------- page 1: model & prompt
+PROMPT_MODEL = "prompt-model"
+PROMPT_FOLDER = "prompt-folder"
+PROMPT_TEXT = "prompt-text"
+PROMPT_DATASET = "prompt-dataset"
+PROMPT_EXAMPLE = "prompt-example"
+PROMPT_LOAD_EXAMPLE = "prompt-load-example"
+PROMPT_RUN = "prompt-run"
+PROMPT_MESSAGE = "prompt-message"
+PROMPT_TOKENS = "prompt-tokens"
+PROMPT_SUMMARY = "prompt-summary"
+PROMPT_JOB = JobIds.for_page("prompt")
+
+# ---------------------------------------------------------------- page 2: head map
+HEADMAP_METRIC = "headmap-metric"
+HEADMAP_GRAPH = "headmap-graph"
+HEADMAP_HELP = "headmap-help"
+HEADMAP_MESSAGE = "headmap-message"
+HEADMAP_PROBE = "headmap-probe"
+HEADMAP_COMPUTE = "headmap-compute"
+HEADMAP_PROBE_LIST = "headmap-probe-list"
+HEADMAP_SELECTED = "headmap-selected"
+HEADMAP_REFRESH = "headmap-refresh"   # Store bumped when an on-demand probe finishes
+HEADMAP_JOB = JobIds.for_page("headmap")
+
+# ---------------------------------------------------------------- page 3: pattern viewer
+PATTERN_LAYER = "pattern-layer"
+PATTERN_HEAD = "pattern-head"
+PATTERN_GRAPH = "pattern-graph"
+PATTERN_QUERY = "pattern-query"
+PATTERN_ROW = "pattern-row"
+PATTERN_MESSAGE = "pattern-message"
+PATTERN_INFO = "pattern-info"
+
+# ---------------------------------------------------------------- page 4: head atlas
+ATLAS_DATASET = "atlas-dataset"
+ATLAS_N = "atlas-n"
+ATLAS_METHOD = "atlas-method"
+ATLAS_COLOR = "atlas-color"
+ATLAS_THRESHOLD = "atlas-threshold"
+ATLAS_RUN = "atlas-run"
+ATLAS_GRAPH = "atlas-graph"
+ATLAS_MESSAGE = "atlas-message"
+ATLAS_RESULT = "atlas-result"         # Store: key of the finished embedding
+ATLAS_JOB = JobIds.for_page("atlas")
+
+# ---------------------------------------------------------------- page 5: intervene
+INTERVENE_LAYER = "intervene-layer"
+INTERVENE_HEAD = "intervene-head"
+INTERVENE_KIND = "intervene-kind"
+INTERVENE_ALPHA = "intervene-alpha"
+INTERVENE_U = "intervene-u"
+INTERVENE_ADD = "intervene-add"
+INTERVENE_CLEAR = "intervene-clear"
+INTERVENE_LIST = "intervene-list"
+INTERVENE_REMOVE = "intervene-remove"  # pattern-matching type: {"type": INTERVENE_REMOVE, "index": i}
+INTERVENE_RUN = "intervene-run"
+INTERVENE_METRIC = "intervene-metric"
+INTERVENE_TOPK = "intervene-topk"
+INTERVENE_LOSS = "intervene-loss"
+INTERVENE_CONTINUATION = "intervene-continuation"
+INTERVENE_DELTA = "intervene-delta"
+INTERVENE_MESSAGE = "intervene-message"
+INTERVENE_RESULT = "intervene-result"  # Store: key of the finished comparison
+INTERVENE_JOB = JobIds.for_page("intervene")
+
+# ---------------------------------------------------------------- page 6: runs
+RUNS_PATH = "runs-path"
+RUNS_PICK = "runs-pick"
+RUNS_COMPARE_PATH = "runs-compare-path"
+RUNS_COMPARE_PICK = "runs-compare-pick"
+RUNS_OPEN = "runs-open"
+RUNS_METRIC = "runs-metric"
+RUNS_MANIFEST = "runs-manifest"
+RUNS_GRAPH = "runs-graph"
+RUNS_DELTA = "runs-delta"
+RUNS_TABLE = "runs-table"
+RUNS_MESSAGE = "runs-message"
+RUNS_STATE = "runs-state"             # Store: the opened folder paths

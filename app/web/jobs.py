@@ -1,0 +1,164 @@
+"""A small in-process job manager: long work runs off the request thread.
+
+The app submits a function ``fn(ctx) -> result`` and hands the job id to the browser (a
+``dcc.Store``); a ``dcc.Interval`` polls :meth:`JobManager.status`; the Cancel button calls
+:meth:`JobManager.cancel`, which sets a flag the job checks between steps
+(:meth:`JobContext.check`). A job publishes its result only by returning it, so a cancelled
+or failed job leaves the app's caches untouched. Everything lives in this process, so the
+model is loaded once and shared (forwards are serialised by ``model.lock``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from workbench.errors import InputError, WorkbenchError
+
+JobState = Literal["queued", "running", "done", "error", "cancelled"]
+FINISHED: tuple[JobState, ...] = ("done", "error", "cancelled")
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Raised inside a job by :meth:`JobContext.check` once cancellation was asked for."""
+
+
+@dataclass
+class Job:
+    """One submitted job and what the UI shows about it."""
+
+    id: str
+    kind: str
+    state: JobState = "queued"
+    progress: float = 0.0
+    message: str = "queued"
+    error: str | None = None
+    result: Any = None
+    started: float = field(default_factory=time.time)
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
+
+    def snapshot(self) -> dict:
+        """JSON-able status for the browser (no result payload)."""
+        return {"id": self.id, "kind": self.kind, "state": self.state, "progress": round(self.progress, 3),
+                "message": self.message, "error": self.error, "elapsed_s": round(time.time() - self.started, 1)}
+
+
+class JobContext:
+    """What a running job sees: progress reporting and the cancellation check."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+
+    def progress(self, fraction: float, message: str) -> None:
+        """Report ``fraction`` in [0, 1] done and a short message; also a cancellation point."""
+        self.check()
+        self._job.progress = min(max(float(fraction), 0.0), 1.0)
+        self._job.message = message
+
+    def check(self) -> None:
+        """Raise :class:`Cancelled` when the user pressed Cancel (call between steps)."""
+        if self._job.cancel_flag.is_set():
+            raise Cancelled()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job.cancel_flag.is_set()
+
+
+class JobManager:
+    """A thread pool plus a bounded table of jobs (oldest finished jobs are forgotten)."""
+
+    def __init__(self, max_workers: int = 2, keep: int = 64) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="workbench-job")
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def submit(self, kind: str, fn: Callable[[JobContext], Any]) -> str:
+        """Queue ``fn(ctx)``; returns the job id (unguessable, so only its session knows it)."""
+        job = Job(id=uuid.uuid4().hex, kind=kind)
+        with self._lock:
+            self._jobs[job.id] = job
+            self._forget_old()
+        self._pool.submit(self._run, job, fn)
+        return job.id
+
+    def _run(self, job: Job, fn: Callable[[JobContext], Any]) -> None:
+        if job.cancel_flag.is_set():
+            job.state, job.message = "cancelled", "cancelled before it started"
+            return
+        job.state, job.message = "running", "started"
+        try:
+            result = fn(JobContext(job))
+        except Cancelled:
+            job.state, job.message = "cancelled", "cancelled: nothing was changed"
+        except WorkbenchError as err:
+            job.state, job.error, job.message = "error", str(err), "failed"
+        except Exception as err:  # a bug must not kill the worker; the page shows one line
+            log.exception("job %s (%s) failed", job.id, job.kind)
+            job.state, job.message = "error", "failed"
+            job.error = f"internal error ({type(err).__name__}: {str(err)[:300]}); see the server log"
+        else:
+            job.result, job.progress, job.state, job.message = result, 1.0, "done", "done"
+
+    def _forget_old(self) -> None:
+        while len(self._jobs) > self._keep:
+            oldest = next((k for k, j in self._jobs.items() if j.state in FINISHED), None)
+            if oldest is None:
+                return
+            del self._jobs[oldest]
+
+    def _get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise InputError("unknown or expired job: start it again")
+        return job
+
+    def status(self, job_id: str) -> dict:
+        """The job's JSON-able status (see :meth:`Job.snapshot`)."""
+        return self._get(job_id).snapshot()
+
+    def result(self, job_id: str) -> Any:
+        """The return value of a finished job.
+
+        Raises:
+            InputError: unknown job, or not finished successfully.
+        """
+        job = self._get(job_id)
+        if job.state != "done":
+            raise InputError(f"job is {job.state}, it has no result: {job.error or 'run it again'}")
+        return job.result
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a job to stop at its next check; True if it was still queued or running."""
+        job = self._get(job_id)
+        if job.state in FINISHED:
+            return False
+        job.cancel_flag.set()
+        return True
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> dict:
+        """Block until the job finishes (tests and scripts); returns its status."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.status(job_id)
+            if status["state"] in FINISHED:
+                return status
+            time.sleep(0.02)
+        raise TimeoutError(f"job {job_id} still {self.status(job_id)['state']} after {timeout} s")
+
+    def shutdown(self) -> None:
+        """Cancel everything and stop the workers."""
+        with self._lock:
+            for job in self._jobs.values():
+                job.cancel_flag.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)

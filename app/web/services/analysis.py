@@ -1,0 +1,201 @@
+"""Model & prompt: run one prompt through the model, capture every head, score it.
+
+The work runs as a background job (:mod:`app.web.jobs`); the finished :class:`Analysis` goes
+into the workspace cache under a random key, which the browser session keeps.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pandas as pd
+
+from app.web.jobs import JobContext
+from app.web.services.workspace import Workspace
+from probes.base import concat_frames
+from probes.registry import PROBES
+from workbench.batch import TokenBatch
+from workbench.capture import Capture, capture
+from workbench.data import list_datasets, load_dataset
+from workbench.errors import InputError, WorkbenchError
+from workbench.model import HookedModel, load_model
+from workbench.registry import REGISTRY
+
+Mode = Literal["patterns", "stats"]
+
+
+@dataclass
+class Analysis:
+    """One analysed prompt.
+
+    Attributes:
+        model_name: registry name or folder of the model.
+        prompt: the text.
+        batch: its one-sample :class:`TokenBatch` (``[1, n]``).
+        capture: every head; patterns mode keeps the maps, stats mode keeps Q/K/LSE.
+        mode: ``"patterns"`` (n <= patterns limit) or ``"stats"``.
+        frame: tidy head table of every probe computed so far (capture probes at once,
+            model-based probes added on demand by :func:`app.web.services.headmap.start_probe`).
+        notes: probes that could not run on this input, with the reason.
+    """
+
+    model_name: str
+    prompt: str
+    batch: TokenBatch
+    capture: Capture
+    mode: Mode
+    frame: pd.DataFrame
+    notes: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.batch.lengths[0])
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.capture.tokens_of(0)
+
+    def add_frame(self, frame: pd.DataFrame) -> None:
+        """Merge a probe's table (replacing earlier rows of the same probe)."""
+        with self.lock:
+            probes = set(frame["probe"].unique())
+            kept = self.frame[~self.frame["probe"].isin(probes)]
+            self.frame = concat_frames([kept, frame])
+
+
+# ---------------------------------------------------------------- choices for the page
+def model_options() -> list[dict]:
+    """Dropdown options of the registry models."""
+    return [{"label": f"{spec.name} — {spec.description}", "value": spec.name} for spec in REGISTRY.values()]
+
+
+def dataset_options() -> list[dict]:
+    return [{"label": name, "value": name} for name in list_datasets()]
+
+
+def resolve_model_name(choice: str | None, folder: str | None) -> str:
+    """The model to use: a typed local folder wins over the dropdown."""
+    folder = (folder or "").strip()
+    if folder:
+        return folder
+    if not choice:
+        raise InputError("no model chosen: pick one from the list or type a local folder")
+    return choice
+
+
+def check_prompt(ws: Workspace, text: str | None) -> str:
+    """Cheap checks before any job starts (empty, absurdly long)."""
+    if text is None or not text.strip():
+        raise InputError("empty prompt: type some text or load a dataset example")
+    limit = ws.limits.stats * ws.limits.chars_per_token
+    if len(text) > limit:
+        raise InputError(f"prompt is {len(text)} characters, far beyond the {ws.limits.stats}-token limit: "
+                         "shorten it")
+    return text
+
+
+def choose_mode(ws: Workspace, n_tokens: int) -> Mode:
+    """Patterns mode (full maps kept) up to the patterns limit, stats mode up to the stats limit.
+
+    Raises:
+        InputError: longer than the stats limit.
+    """
+    if n_tokens <= ws.limits.patterns:
+        return "patterns"
+    if n_tokens <= ws.limits.stats:
+        return "stats"
+    raise InputError(f"prompt is {n_tokens} tokens, longer than the app's limit of {ws.limits.stats}: "
+                     "shorten it, or use 'workbench analyze --mode stats' for long inputs")
+
+
+# ---------------------------------------------------------------- jobs
+def start_example(ws: Workspace, model_name: str, dataset: str | None, index: int | None) -> str:
+    """Job: the text of example ``index`` of a bundled dataset (needs the model's tokenizer)."""
+    if not dataset:
+        raise InputError("no dataset chosen: pick one from the list")
+    index = 0 if index is None else int(index)
+    if index < 0:
+        raise InputError(f"example index {index} is negative: use 0 or more")
+
+    def job(ctx: JobContext) -> dict:
+        ctx.progress(0.1, f"loading {model_name}")
+        model = load_model(model_name)
+        ctx.progress(0.5, f"reading {dataset}")
+        batch = load_dataset(dataset, model, n=index + 1)
+        if index >= len(batch):
+            raise InputError(f"{dataset} has {len(batch)} examples: pick an index below {len(batch)}")
+        return {"kind": "example", "text": example_text(model, batch, index)}
+
+    return ws.jobs.submit("example", job)
+
+
+def example_text(model: HookedModel, batch: TokenBatch, index: int) -> str:
+    """The prompt text of one dataset item (decoded from its tokens when it has none)."""
+    meta = batch.meta[index]
+    for key in ("prompt", "text"):
+        if isinstance(meta.get(key), str):
+            return meta[key]
+    ids = batch.tokens[index][batch.mask[index]]
+    return model.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def start_analysis(ws: Workspace, model_name: str, prompt: str) -> str:
+    """Validate, then queue :func:`analyse` as a job; returns the job id."""
+    check_prompt(ws, prompt)
+    return ws.jobs.submit("analysis", lambda ctx: {"kind": "analysis", "key": analyse(ws, model_name, prompt, ctx)})
+
+
+def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str:
+    """Load, tokenize, capture every head and fit every capture-based probe; returns the cache key."""
+    ctx.progress(0.05, f"loading {model_name}")
+    model = load_model(model_name)
+    ctx.progress(0.3, "tokenizing")
+    ids = model.encode(prompt, max_tokens=ws.limits.stats)
+    mode = choose_mode(ws, ids.numel())
+    batch = model.batch_from_ids([ids], meta=[{"prompt": prompt}])
+    ctx.progress(0.4, f"capturing every head ({mode} mode, {ids.numel()} tokens)")
+    cap = capture(model, batch, mode=mode, keep_patterns=mode == "patterns", keep_qk=mode == "stats",
+                  progress=False)
+    frames, notes = [], {}
+    capture_probes = [cls for cls in PROBES.values() if cls.needs_capture]
+    for i, cls in enumerate(capture_probes):
+        ctx.progress(0.7 + 0.3 * i / len(capture_probes), f"probe {cls.name}")
+        try:
+            frames.append(cls().fit_run(model, batch, cap).to_frame())
+        except WorkbenchError as err:
+            notes[cls.name] = str(err)
+    ctx.check()  # a cancelled job publishes nothing
+    analysis = Analysis(model_name=model_name, prompt=prompt, batch=batch, capture=cap, mode=mode,
+                        frame=concat_frames(frames), notes=notes)
+    return ws.analyses.put(analysis)
+
+
+def get_analysis(ws: Workspace, session: dict | None) -> Analysis:
+    """The session's current analysis.
+
+    Raises:
+        InputError: nothing run yet in this session, or evicted from the cache.
+    """
+    key = (session or {}).get("analysis")
+    if not key:
+        raise InputError("no prompt analysed yet: run one on the Model & prompt page")
+    return ws.analyses.get(key)
+
+
+def token_strip(analysis: Analysis) -> list[tuple[int, str]]:
+    """``(position, token)`` pairs of the analysed prompt."""
+    return list(enumerate(analysis.tokens))
+
+
+def summary(analysis: Analysis) -> str:
+    """One line describing the analysis (model, tokens, mode, heads)."""
+    cap = analysis.capture
+    text = (f"{analysis.model_name}: {analysis.n_tokens} tokens, {analysis.mode} mode, "
+            f"{len(cap.layers)} layers × {len(cap.heads)} heads, "
+            f"{analysis.frame['metric'].nunique()} metrics")
+    if analysis.notes:
+        text += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in analysis.notes.items())
+    return text

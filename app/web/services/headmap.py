@@ -1,0 +1,104 @@
+"""Head map: every registered probe's metrics as layer × head heatmaps, and on-demand probes."""
+
+from __future__ import annotations
+
+import html
+
+import plotly.graph_objects as go
+
+from app.web.jobs import JobContext
+from app.web.services.analysis import Analysis
+from app.web.services.metric_help import describe
+from app.web.services.workspace import Workspace
+from probes.figures import head_heatmap
+from probes.registry import PROBES
+from workbench.errors import InputError, WorkbenchError
+from workbench.model import load_model
+
+SEPARATOR = "|"
+
+
+def metric_value(probe: str, metric: str) -> str:
+    return f"{probe}{SEPARATOR}{metric}"
+
+
+def split_metric_value(value: str | None) -> tuple[str, str]:
+    """``"probe|metric"`` -> ``(probe, metric)``."""
+    if not value or SEPARATOR not in value:
+        raise InputError("no metric chosen: pick one from the list")
+    probe, metric = value.split(SEPARATOR, 1)
+    return probe, metric
+
+
+def metric_options(analysis: Analysis) -> list[dict]:
+    """Every computed ``(probe, metric)`` of the analysis, in table order."""
+    pairs = analysis.frame[["probe", "metric"]].drop_duplicates()
+    return [{"label": f"{p} / {m}", "value": metric_value(p, m)} for p, m in pairs.itertuples(index=False)]
+
+
+def default_metric(options: list[dict], current: str | None) -> str | None:
+    """Keep the current choice if still offered, else the first option."""
+    values = [o["value"] for o in options]
+    if current in values:
+        return current
+    return values[0] if values else None
+
+
+def probe_catalog(analysis: Analysis | None) -> list[dict]:
+    """Every registered probe: its metrics, whether it needs the model, and whether it is computed."""
+    computed = set() if analysis is None else set(analysis.frame["probe"].unique())
+    notes = {} if analysis is None else analysis.notes
+    return [{"name": name, "metrics": list(cls.metrics), "needs_model": not cls.needs_capture,
+             "computed": name in computed, "note": notes.get(name, "")}
+            for name, cls in PROBES.items()]
+
+
+def headmap_figure(analysis: Analysis, value: str | None, selected: tuple[int, int] | None) -> go.Figure:
+    """The layer × head map of one metric; hover shows definition, value and 95% interval."""
+    probe, metric = split_metric_value(value)
+    rows = analysis.frame[(analysis.frame["probe"] == probe) & (analysis.frame["metric"] == metric)]
+    if rows.empty:
+        raise InputError(f"metric {probe}/{metric} is not computed for this prompt: compute the probe first")
+    fig = head_heatmap(rows, metric, probe=probe, title=f"{probe} / {metric}",
+                       selected=tuple(selected) if selected else None)
+    explain = html.escape(describe(probe, metric))
+    fig.update_traces(hovertemplate=f"<i>{explain}</i><br>" + fig.data[0].hovertemplate)
+    n_layers = rows["layer"].nunique()
+    fig.update_layout(height=max(360, 22 * n_layers + 140), clickmode="event")
+    return fig
+
+
+def start_probe(ws: Workspace, analysis: Analysis, name: str | None) -> str:
+    """Job: fit a registered probe (typically model-based) on the analysed prompt."""
+    if not name:
+        raise InputError("no probe chosen: pick one from the list")
+    if name not in PROBES:
+        raise InputError(f"unknown probe '{name}': use one of {', '.join(PROBES)}")
+    cls = PROBES[name]
+
+    def job(ctx: JobContext) -> dict:
+        ctx.progress(0.05, f"loading {analysis.model_name}")
+        model = load_model(analysis.model_name)
+        ctx.progress(0.2, f"running probe {name} (cancel takes effect when it returns)")
+        try:
+            frame = cls().fit_run(model, analysis.batch, analysis.capture).to_frame()
+        except TypeError as err:  # a probe whose constructor needs arguments the app cannot guess
+            raise InputError(f"probe '{name}' cannot run with default settings ({err}): "
+                             "use 'workbench analyze --probes' with its options") from None
+        except WorkbenchError as err:
+            raise InputError(f"probe '{name}' cannot run on this prompt: {err}") from None
+        ctx.check()  # cancelled: the analysis keeps its old table
+        analysis.add_frame(frame)
+        return {"kind": "probe", "probe": name, "metrics": sorted(frame["metric"].unique().tolist())}
+
+    return ws.jobs.submit(f"probe:{name}", job)
+
+
+def head_summary(analysis: Analysis, selected: tuple[int, int] | None) -> str:
+    """A line about the selected head: its top metrics."""
+    if not selected:
+        return "no head selected: click a cell of the map"
+    layer, head = selected
+    rows = analysis.frame[(analysis.frame["layer"] == layer) & (analysis.frame["head"] == head)]
+    parts = [f"{r.metric}={r.value:.3g}" for r in rows.itertuples() if r.probe == "detectors"]
+    return f"selected L{layer}H{head}" + (f" ({', '.join(parts)})" if parts else "")

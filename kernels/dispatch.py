@@ -1,0 +1,168 @@
+"""Public entry points: one dispatch per operation over the reference / chunked / Triton backends.
+
+``backend="auto"`` picks ``"triton"`` for CUDA tensors when triton is importable, else
+``"chunked"``. ``"reference"`` materialises the full map (small inputs only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import chunked, recompute, reference
+from .types import AttentionStats
+from .validation import check_block, check_keep, check_qk, resolve_backend
+
+
+def _triton():
+    from . import triton_launch  # imported lazily: TRITON_INTERPRET must be set before triton's jit runs
+
+    return triton_launch
+
+
+def attention_with_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    local_window: int = 8,
+    backend: str = "auto",
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> AttentionStats:
+    """Attention output, per-row LSE and the METRICS §1 statistics in one streaming pass.
+
+    Args:
+        q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` and ``Nq <= Nk``.
+            Query row ``i`` sits at absolute position ``Nk - Nq + i``.
+        causal: mask keys after each query's position.
+        key_padding_mask: bool ``[B, Nk]``, True = real token. A query row is padded when the
+            key at its position is; padded rows get zero output/statistics and ``lse = -inf``.
+        scale: logit scale, default ``1/sqrt(D)``.
+        local_window: ``w`` of ``local_mass = Σ_{|i-j|<=w} A_ij``.
+        backend: "auto" | "reference" | "chunked" | "triton".
+        block_q / block_k: tile sizes (None = the backend's default).
+    Returns:
+        ``AttentionStats(out [B, Hq, Nq, D] input dtype, lse [B, Hq, Nq] fp32, stats {name: [B, Hq, Nq]})``.
+    """
+    check_qk(q, k)
+    chosen = resolve_backend(backend, q.device)
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, local_window=local_window)
+    if chosen == "reference":
+        return reference.reference_attention(q, k, v, **kwargs)
+    if chosen == "chunked":
+        return chunked.chunked_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
+    return _triton().triton_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
+
+
+def received_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Received mass per key from a second pass that recomputes ``p = exp(s - lse)``.
+
+    Returns ``(c, ĉ)``, fp32 ``[B, Hq, Nk]``: column sums ``c_j = Σ_i A_ij`` and
+    ``ĉ_j = c_j / (number of real queries that can see j)`` (0 where nobody can).
+    ``lse`` is the ``.lse`` of ``attention_with_stats`` on the same q, k, mask and scale.
+    """
+    check_qk(q, k)
+    chosen = resolve_backend(backend, q.device)
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if chosen == "reference":
+        return reference.reference_received_mass(q, k, lse, **kwargs)
+    if chosen == "chunked":
+        return recompute.chunked_received_mass(q, k, lse, **kwargs)
+    return _triton().triton_received_mass(q, k, lse, **kwargs)
+
+
+def attention_tile(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    head: int,
+    batch_index: int = 0,
+    q_range: tuple[int, int],
+    k_range: tuple[int, int],
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Exact probabilities ``[q1-q0, k1-k0]`` fp32 of query rows ``q_range`` x keys ``k_range``
+    (half-open) of query head ``head``; masked entries are 0."""
+    return recompute.chunked_tile(
+        q, k, lse, head=head, batch_index=batch_index, q_range=q_range, k_range=k_range,
+        causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+    )
+
+
+def attention_thumbnail(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    head: int,
+    batch_index: int = 0,
+    size: int = 256,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max-pooled, mean-pooled)`` fp32 ``[min(size, Nq), min(size, Nk)]`` views of one head's
+    whole map, streamed block by block. Bins: ``thumbnail_edges(Nq, size)`` x ``thumbnail_edges(Nk, size)``."""
+    return recompute.chunked_thumbnail(
+        q, k, lse, head=head, batch_index=batch_index, size=size,
+        causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+    )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | list,
+    *,
+    block_size: int = 64,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    local_window: int = 8,
+    backend: str = "auto",
+) -> AttentionStats:
+    """Attention restricted to kept key blocks, with the same outputs as ``attention_with_stats``.
+
+    Args:
+        keep: bool ``[B, Hq, n_q_blocks, n_k_blocks]`` (or ``[Hq, nqb, nkb]``), or nested lists
+            ``keep[query_block][head]`` of key-block indices. Query block ``t`` = rows
+            ``[t*bs, (t+1)*bs)``, key block ``u`` = keys ``[u*bs, (u+1)*bs)``.
+    Dropped blocks contribute nothing. Statistics describe the sparse distribution
+    (``entropy_normalized`` divides by the log of the number of kept visible keys). A row that
+    keeps no visible key gets zero output/statistics and ``lse = -inf`` (never NaN).
+    The Triton backend needs ``block_size`` to be a power of two in [16, 128].
+    """
+    dims = check_qk(q, k)
+    block_size = check_block(block_size, "block_size")
+    chosen = resolve_backend(backend, q.device)
+    keep_t = check_keep(keep, dims, block_size, q.device)
+    kwargs = dict(
+        causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+        local_window=local_window, keep=keep_t, block_size=block_size,
+    )
+    if chosen == "reference":
+        return reference.reference_attention(q, k, v, **kwargs)
+    if chosen == "chunked":
+        return chunked.chunked_attention(q, k, v, **kwargs)
+    if block_size > 128:
+        raise ValueError(
+            f"block_size={block_size} is too large for the Triton block-sparse kernel (max 128); "
+            "use a smaller block or backend='chunked'"
+        )
+    return _triton().triton_attention(q, k, v, **kwargs)

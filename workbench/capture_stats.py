@@ -1,0 +1,200 @@
+"""Stats-mode capture: per-head statistics from the recompute kernels, no ``[q, k]`` map.
+
+The model's Hugging Face copy (:attr:`HookedModel.kernel_model`) runs inside
+:func:`workbench.kernel_attention.kernel_forward`; every attention call goes through
+:func:`kernels.attention_with_stats` (online softmax, per-row statistics, LSE) and a recorder
+keeps, for the selected layers and heads only:
+
+- the METRICS §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
+- received mass per key (:func:`kernels.received_mass`, a second pass over key blocks);
+- the detector rows ``induction_mass`` / ``duplicate_mass``, gathered exactly at their target
+  pairs from q, k and the LSE (:func:`workbench.recompute.detector_rows_from_qk`);
+- with ``keep_qk``: ``q.L [B, H_sel, N, d]``, ``k.L [B, Hkv, N, d]``, ``lse.L [B, H_sel, N]`` fp32
+  for exact tiles and thumbnails later (:mod:`workbench.recompute`).
+
+Per-layer tensors are dropped as soon as the layer is recorded, the LM head never runs, and the
+forward stops after the last selected layer. TransformerLens hooks cannot reach the kernel model:
+interventions come in as an ``InterventionSet`` and are applied as z editors.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.batch import TokenBatch
+from workbench.capture import Capture
+from workbench.errors import InputError, WorkbenchError
+from workbench.kernel_attention import AttentionCall, kernel_forward
+from workbench.model import Hook, HookedModel
+from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES
+from workbench.recompute import detector_rows_from_qk, token_groups
+
+
+class _StopForward(Exception):
+    """Raised by the recorder after the last selected layer: nothing later is needed."""
+
+
+class StatsRecorder:
+    """Kernel-forward recorder that writes one chunk of samples into preallocated outputs.
+
+    Shapes: outputs ``[B, L_sel, H_sel, N]`` for the whole batch; :meth:`start` points the
+    recorder at rows ``rows`` of width ``width`` before each chunk's forward.
+    """
+
+    def __init__(self, model: HookedModel, n_samples: int, width: int, layers: Sequence[int],
+                 heads: Sequence[int], keep_qk: bool) -> None:
+        B, N, L, H = n_samples, width, len(layers), len(heads)
+        self.layer_pos = {layer: li for li, layer in enumerate(layers)}
+        self.last_layer = max(layers)
+        self.heads = torch.tensor(list(heads))
+        self.all_heads = list(heads) == list(range(model.n_heads))
+        self.group = model.n_heads // model.n_kv_heads
+        self.kv_of_head = self.heads // self.group
+        self.row_stats = {name: torch.zeros(B, L, H, N) for name in STAT_NAMES}
+        self.row_stats |= {name: torch.full((B, L, H, N), float("nan")) for name in DETECTOR_ROWS}
+        self.received = torch.zeros(B, L, H, N)
+        self.received_normalized = torch.zeros(B, L, H, N)
+        self.keep_qk = keep_qk
+        self.extras: dict[str, torch.Tensor] = {}
+        if keep_qk:
+            for layer in layers:
+                self.extras[f"q.{layer}"] = torch.zeros(B, H, N, model.d_head)
+                self.extras[f"k.{layer}"] = torch.zeros(B, model.n_kv_heads, N, model.d_head)
+                self.extras[f"lse.{layer}"] = torch.full((B, H, N), float("-inf"))
+        self.scale: list[float | None] = [None] * L
+        self.chunk: TokenBatch | None = None
+        self.rows = slice(0, 0)
+        self.groups: list = []
+        self.bar = None
+
+    def start(self, chunk: TokenBatch, first_row: int) -> None:
+        """Point the recorder at the samples ``chunk`` (rows from ``first_row``)."""
+        self.chunk = chunk
+        self.rows = slice(first_row, first_row + len(chunk))
+        self.groups = [token_groups(t[m]) for t, m in zip(chunk.tokens, chunk.mask)]
+
+    def __call__(self, call: AttentionCall, result) -> None:
+        li = self.layer_pos.get(call.layer)
+        if li is None:
+            return
+        if result.stats is None:
+            raise WorkbenchError("the attention function returned no statistics: stats capture needs "
+                                 "kernels.attention_with_stats (or a function returning its AttentionStats)")
+        chunk, rows = self.chunk, self.rows
+        width = chunk.tokens.shape[1]
+        if call.query.shape[2] != width or call.key.shape[2] != width:
+            raise WorkbenchError(f"stats capture expected {width} query/key positions at layer {call.layer}, "
+                                 f"got {call.query.shape[2]}/{call.key.shape[2]} (a cached or generating forward?)")
+        real = chunk.mask[:, None, :].to(call.query.device)  # [b, 1, N]
+        for name in STAT_NAMES:
+            value = result.stats[name][:, self.heads].float()
+            self.row_stats[name][rows, li, :, :width] = value.masked_fill(~real, 0.0).cpu()
+        q, k, lse = self._selected(call, result)
+        self.scale[li] = call.scale
+        self._received(li, q, k, lse, call)
+        self._detectors(li, q, k, lse, call.scale)
+        if self.keep_qk:
+            layer = call.layer
+            self.extras[f"q.{layer}"][rows, :, :width] = q.cpu()
+            self.extras[f"k.{layer}"][rows, :, :width] = call.key.float().cpu()
+            self.extras[f"lse.{layer}"][rows, :, :width] = lse.cpu()
+        if self.bar is not None:
+            self.bar.set_postfix(layer=call.layer, refresh=False)
+        if call.layer == self.last_layer:
+            raise _StopForward
+
+    def _selected(self, call: AttentionCall, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 ``q [b, H_sel, N, d]``, ``k`` per selected head ``[b, H_sel, N, d]``, ``lse [b, H_sel, N]``."""
+        q = call.query[:, self.heads].float()
+        k = call.key[:, self.kv_of_head].float()
+        return q, k, result.lse[:, self.heads].float()
+
+    def _received(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, call: AttentionCall) -> None:
+        from kernels import received_mass
+
+        if self.all_heads:  # the kernel maps GQA itself: no per-query-head copy of K
+            raw, norm = received_mass(call.query, call.key, lse, causal=call.causal,
+                                      key_padding_mask=call.key_padding_mask, scale=call.scale)
+        else:
+            raw, norm = received_mass(q, k, lse, causal=call.causal,
+                                      key_padding_mask=call.key_padding_mask, scale=call.scale)
+        width = raw.shape[-1]
+        self.received[self.rows, li, :, :width] = raw.float().cpu()
+        self.received_normalized[self.rows, li, :, :width] = norm.float().cpu()
+
+    def _detectors(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
+        for b, groups in enumerate(self.groups):
+            n = groups.length
+            if not groups.buckets:
+                continue
+            rows = detector_rows_from_qk(q[b, :, :n], k[b, :, :n], lse[b, :, :n], groups, scale)
+            for name, value in rows.items():
+                self.row_stats[name][self.rows.start + b, li, :, :n] = value.cpu()
+
+
+def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int], heads: Sequence[int],
+                  keep_qk: bool = False, batch_size: int = 8, local_window: int = 8,
+                  fwd_hooks: Sequence[Hook] = (), progress: bool = True, interventions=None) -> Capture:
+    """Stats-mode capture of ``batch`` (see the module docstring); same fields as patterns mode.
+
+    Args:
+        model: the loaded model (its ``kernel_model`` is built on first use).
+        batch: right-padded token batch.
+        layers, heads: validated, sorted selections.
+        keep_qk: keep fp32 Q/K/LSE of the selected heads for :mod:`workbench.recompute`.
+        batch_size: samples per forward.
+        local_window: ``w`` of the local-mass statistic.
+        fwd_hooks: must be empty (TransformerLens hooks cannot reach the kernel model).
+        progress: tqdm bar over batches.
+        interventions: optional ``InterventionSet`` applied through its z editors.
+    Raises:
+        InputError: ``fwd_hooks`` given, bad ``batch_size``/``local_window``.
+    """
+    if fwd_hooks:
+        raise InputError("stats mode runs the kernel model, which TransformerLens hooks cannot reach: pass "
+                         "interventions=InterventionSet(...) (applied as z editors) or use mode='patterns'")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 0:
+        raise InputError(f"local_window must be a non-negative int, got {local_window!r}")
+    if interventions is not None:
+        interventions.validate(model)
+    from kernels import attention_with_stats
+
+    attention = functools.partial(attention_with_stats, local_window=local_window)
+    B, N = batch.tokens.shape
+    recorder = StatsRecorder(model, B, N, layers, heads, keep_qk)
+    kernel_model = model.kernel_model
+    device = next(kernel_model.parameters()).device
+    body = kernel_model.base_model  # no LM head: capture needs only the attention calls
+    chunks = batch.chunks(batch_size)
+    start = 0
+    with tqdm(chunks, desc="capture (stats)", unit="batch", disable=not progress) as bar:
+        recorder.bar = bar
+        for chunk in bar:
+            recorder.start(chunk, start)
+            editors = interventions.z_editors(model, chunk) if interventions is not None else ()
+            mask = chunk.mask.to(device)
+            with model.lock, torch.no_grad(), kernel_forward(mask, attention=attention, recorders=[recorder],
+                                                             z_editors=editors):
+                try:
+                    body(input_ids=chunk.tokens.to(device), attention_mask=mask.long(), use_cache=False)
+                except _StopForward:
+                    pass
+            start += len(chunk)
+    recorder.bar = None
+    for name in DETECTOR_ROWS:  # rows beyond each sample's length have no target
+        recorder.row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
+    info = {"local_window": local_window, "scale": recorder.scale, "kv_group": recorder.group}
+    if interventions is not None:
+        info["interventions"] = repr(interventions)
+    return Capture(
+        model_name=model.name, mode="stats", causal=model.causal, tokens=batch.tokens, mask=batch.mask,
+        str_tokens=[model.str_tokens(t[m]) for t, m in zip(batch.tokens, batch.mask)],
+        layers=list(layers), heads=list(heads), row_stats=recorder.row_stats, received=recorder.received,
+        received_normalized=recorder.received_normalized, extras=recorder.extras, meta=batch.meta, info=info,
+    )
