@@ -1,27 +1,33 @@
 """Chunked torch attention with per-row statistics (the fast CPU path).
 
 FlashAttention-style: query blocks x key blocks with an online softmax; the ``[Nq, Nk]`` map is
-never stored. Per logits element the loop does one QKᵀ matmul, a row max, one subtract, one exp,
-one P@V_aug matmul and one fused multiply-sum for the entropy; everything else is per row:
+never stored. Per logits element the loop does one QKᵀ matmul, a row max, a subtract, an exp, one
+``P @ V_aug`` matmul and a multiply + row sum for the entropy; everything else is per row:
 
-* ``V_aug = [V, 1, j - c, 0-pad]``: the same ``P @ V_aug`` matmul yields the output, the row sum
-  ``l`` and ``Σ_j p_ij (j - c)`` (mean distance; ``c`` = last position of the query block, so the
-  numbers stay small for local heads).
-* entropy ``H = log l - E / l`` with ``E = Σ_j p_ij (s_ij - m_i)``, rescaled online like the output.
-* ``max_weight = 1 / l`` (the row max has ``p = 1``).
+* ``V_aug = [V, 1, j - c, 0, 0, pad]`` (width rounded to 16): the same ``baddbmm`` accumulates the
+  output, the row sum ``l`` and ``Σ_j p_ij (j - c)`` (mean distance; ``c`` = last position of the
+  query block, so the numbers stay small for local heads). Two spare accumulator columns hold the
+  entropy numerator ``E = Σ_j p_ij (s_ij - m_i)`` and the bidirectional ``|i - j|`` correction,
+  so one ``mul_`` rescales every accumulator when a row max moves.
+* entropy ``H = log l - E / l``; ``max_weight = 1 / l`` (the row max has ``p = 1``).
 * self / previous-token / local mass and first-1/first-4 mass are recomputed after the key loop as
-  ``exp(q_i·k_j - lse_i)`` for the few keys ``j`` in the ``|i - j| <= w`` window and ``j < 4``.
-* GQA: q is regrouped to ``[B*Hkv, G*bq, D]`` so all query heads of a kv head share one matmul
-  and K/V are never copied per query head. Causal tiles left of the diagonal need no mask; only the
-  diagonal tile gets a (precomputed) triangular bias; tiles right of it are skipped.
+  ``exp(q_i·k_j - lse_i)`` for the keys with ``|i - j| <= w`` (a narrow band matmul read along its
+  diagonal) and ``j < 4``.
+* GQA: q is regrouped to ``[B*Hkv, G*bq, D]`` so all query heads of a kv head share one matmul and
+  K/V are never copied per query head. Causal tiles left of the diagonal need no mask; only the
+  diagonal tile gets a precomputed triangular bias; tiles right of it are skipped.
+* On the CPU whole query blocks run on a thread pool of single-threaded ops (``parallel.py``).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
 
 from . import masks
+from .parallel import run_blocks, worker_count
 from .types import STAT_NAMES, AttentionStats, stats_from_stacked
 from .validation import (
     AttnDims,
@@ -36,8 +42,14 @@ from .validation import (
 NEG = -1.0e30
 """Finite 'minus infinity' for masked logits: exp underflows to 0 and 0 * NEG stays 0 (no NaN)."""
 
+
+EXP_FLOOR = -80.0
+"""``s - m`` is clamped here before ``exp`` where it may be far below 0: torch's vectorised CPU exp
+leaves its fast path (about 50x slower) below about -88; ``exp(-80) = 1.8e-35`` vanishes next to a
+row sum >= 1."""
+
 _TILE_ELEMENTS = 1_200_000  # logits per tile; ~5 MB fp32 keeps a tile near the L2 cache
-_WINDOW_ELEMENTS = 4_000_000  # cap on the gathered window keys per step
+_WINDOW_ELEMENTS = 4_000_000  # cap on the logits of one band matmul (window statistics)
 
 
 def default_blocks(dims: AttnDims, block_q: int | None, block_k: int | None) -> tuple[int, int]:
@@ -59,13 +71,9 @@ def _view(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def _even_chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
-    """Split ``[start, stop)`` into near-equal chunks of at most ``size``."""
-    if stop <= start:
-        return []
-    n = -(-(stop - start) // size)
-    edges = [start + (stop - start) * t // n for t in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """Split ``[start, stop)`` into chunks of ``size`` (the last one may be shorter)."""
+    return [(a, min(stop, a + size)) for a in range(start, stop, size)]
 
 
 class _Forward:
@@ -93,21 +101,24 @@ class _Forward:
         self.bh = B * Hkv
         self.q5 = q.reshape(B, Hkv, G, dims.len_q, D)
         self.kf = k.reshape(self.bh, Nk, D).to(f32)
-        self.daug = -(-(D + 2) // 16) * 16  # a multiple of 16 keeps the matmul on its fast path
+        # accumulator columns: [out (D) | l | Σp(j-c) | E | corr | 0-pad]; V_aug has [V | 1 | j-c | 0...]
+        self.col_l, self.col_j, self.col_e, self.col_c = D, D + 1, D + 2, D + 3
+        self.daug = -(-(D + 4) // 16) * 16  # a multiple of 16 keeps the matmul on its fast path
         self.vaug = torch.zeros(self.bh, Nk, self.daug, dtype=f32, device=dev)
         self.vaug[..., :D] = v.reshape(self.bh, Nk, D)
-        self.vaug[..., D] = 1.0
+        self.vaug[..., self.col_l] = 1.0
         self.jpos = torch.arange(Nk, dtype=f32, device=dev)
         self.kbias = None if mask is None else torch.zeros(B, Nk, device=dev).masked_fill_(~mask, NEG)
         ar = torch.arange(block_q, device=dev)
         self.tri = torch.zeros(block_q, block_q, device=dev).masked_fill_(ar[None, :] > ar[:, None], NEG)
         self.upper = (ar[None, :] - ar[:, None]).clamp(min=0).to(f32)
-        width = max(block_k, block_q)
-        self.sbuf = torch.empty(self.bh * G * block_q * width, dtype=f32, device=dev)
-        self.pbuf = torch.empty_like(self.sbuf)
-        self.obuf = torch.empty(self.bh * G * block_q * self.daug, dtype=f32, device=dev)
-        self.wl = max(local_window, 1)  # window reaches back at least to the previous token
-        self.wr = 0 if causal else local_window
+        self.tile_elems = self.bh * G * block_q * max(block_k, block_q)
+        self._local = threading.local()  # per-worker scratch: logits/probability tiles, V_aug copy
+        self._base_vaug_taken = False
+        self._lock = threading.Lock()
+        self.kmax = torch.linalg.vector_norm(self.kf, dim=-1).amax()  # for the exp-underflow bound
+        self.wl = min(max(local_window, 1), Nk)  # window reaches back at least to the previous token
+        self.wr = 0 if causal else min(local_window, Nk)
         self.kpad = F.pad(self.kf, (0, 0, self.wl, self.wr))
         if keep is not None:
             self.counts = masks.sparse_visible_counts(dims, causal, mask, keep, block_size)
@@ -118,52 +129,80 @@ class _Forward:
         self.lse = torch.empty(B, Hkv, G, dims.len_q, dtype=f32, device=dev)
         self.stats = torch.empty(len(STAT_NAMES), B, Hkv, G, dims.len_q, dtype=f32, device=dev)
 
+    def scratch_bytes(self) -> int:
+        """Scratch memory of one worker (two logits tiles and a V_aug copy)."""
+        return 4 * (2 * self.tile_elems + self.vaug.numel())
+
+    def _scratch(self) -> threading.local:
+        """This thread's buffers; the first worker reuses V_aug, the others copy it (the j - c
+        column is rewritten for every query block)."""
+        local = self._local
+        if not hasattr(local, "sbuf"):
+            local.sbuf = torch.empty(self.tile_elems, dtype=torch.float32, device=self.vaug.device)
+            local.pbuf = torch.empty_like(local.sbuf)
+            with self._lock:
+                first, self._base_vaug_taken = not self._base_vaug_taken, True
+            local.vaug = self.vaug if first else self.vaug.clone()
+        return local
+
     # ---- tiles -------------------------------------------------------------------------------
     def _tiles(self, p0: int, p1: int) -> list[tuple[int, int, str]]:
-        tiles = [(a, b, "left") for a, b in _even_chunks(0, p0, self.bk)]
+        tiles = [(a, b, "left") for a, b in _chunks(0, p0, self.bk)]
         tiles.append((p0, p1, "diag"))
         if not self.causal:
-            tiles += [(a, b, "right") for a, b in _even_chunks(p1, self.d.len_k, self.bk)]
+            tiles += [(a, b, "right") for a, b in _chunks(p1, self.d.len_k, self.bk)]
         return tiles
 
-    def _masked_logits(self, qb: torch.Tensor, i0: int, i1: int, j0: int, j1: int, kind: str) -> torch.Tensor | None:
-        """Scaled logits ``[B*Hkv, G*n, nk]`` with masked entries at NEG; None if nothing is kept."""
+    def _masked_logits(
+        self, qb: torch.Tensor, i0: int, i1: int, j0: int, j1: int, kind: str
+    ) -> tuple[torch.Tensor | None, bool]:
+        """Scaled logits ``[B*Hkv, G*n, nk]`` (masked entries near NEG) and whether any mask was
+        applied; ``(None, False)`` when the block layout keeps nothing of this tile."""
         d, n, nk = self.d, i1 - i0, j1 - j0
         keep_tile = None
         if self.keep is not None:
             keep_tile = masks.keep_elements(self.keep, self.bs, (i0, i1), (j0, j1))
             if not bool(keep_tile.any()):
-                return None
-        s = torch.bmm(qb, self.kf[:, j0:j1].transpose(1, 2), out=_view(self.sbuf, (self.bh, d.group * n, nk)))
+                return None, False
+        sbuf = self._scratch().sbuf
+        s = torch.bmm(qb, self.kf[:, j0:j1].transpose(1, 2), out=_view(sbuf, (self.bh, d.group * n, nk)))
+        masked = keep_tile is not None
         if kind == "diag" and self.causal:
             s.view(self.bh, d.group, n, nk).add_(self.tri[:n, :nk])
+            masked = True
         if self.mask is not None and not bool(self.mask[:, j0:j1].all()):
             s.view(d.batch, -1, nk).add_(self.kbias[:, None, j0:j1])
+            masked = True
         if keep_tile is not None:
             s.view(d.batch, d.heads_q, n, nk).masked_fill_(~keep_tile, NEG)
-        return s
+        return s, masked
 
     def _tile(self, st: dict, qb: torch.Tensor, i0: int, i1: int, j0: int, j1: int, kind: str) -> None:
-        s = self._masked_logits(qb, i0, i1, j0, j1, kind)
+        s, masked = self._masked_logits(qb, i0, i1, j0, j1, kind)
         if s is None:
             return
-        D, n, nk = self.d.head_dim, i1 - i0, j1 - j0
-        m_new = torch.maximum(st["m"], s.amax(-1))
-        delta = m_new - st["m"]
-        alpha = torch.exp(-delta)
+        n, nk = i1 - i0, j1 - j0
+        m_old, acc = st["m"], st["acc"]
+        scratch = self._scratch()
+        p = _view(scratch.pbuf, tuple(s.shape))
+        m_new = torch.maximum(m_old, s.amax(-1))
         s.sub_(m_new.unsqueeze(-1))
-        p = torch.exp(s, out=_view(self.pbuf, tuple(s.shape)))
-        o = torch.bmm(p, self.vaug[:, j0:j1], out=_view(self.obuf, (self.bh, s.shape[1], self.daug)))
-        acc = st["acc"]
-        st["E"].sub_(delta * acc[..., D]).mul_(alpha)  # re-base Σ p (s - m) on the new max
-        if not self.causal:
-            st["corr"].mul_(alpha)
-            if kind == "diag":
-                st["corr"].add_((p.view(self.bh, self.d.group, n, nk) * self.upper[:n, :nk]).sum(-1).view_as(alpha))
-            elif kind == "right":
-                st["corr"].add_(o[..., D + 1] - st["rel"] * o[..., D])
-        acc.mul_(alpha.unsqueeze(-1)).add_(o)
-        st["E"].add_(s.mul_(p).sum(-1))
+        if masked or st["may_underflow"]:
+            s.clamp_(min=EXP_FLOOR)
+        torch.exp(s, out=p)
+        if bool((m_new > m_old).any()):  # a row max moved: re-base every accumulator on it
+            delta = m_new - m_old
+            acc[..., self.col_e].sub_(delta * acc[..., self.col_l])  # Σ p (s - m) under the new m
+            acc.mul_(torch.exp(-delta).unsqueeze(-1))
+        if not self.causal and kind == "diag":
+            corr = (p.view(self.bh, self.d.group, n, nk) * self.upper[:n, :nk]).sum(-1)
+            acc[..., self.col_c].add_(corr.view_as(m_new))
+        before = acc[..., self.col_l : self.col_j + 1].clone() if kind == "right" else None
+        acc.baddbmm_(p, scratch.vaug[:, j0:j1])
+        if before is not None:  # keys right of every row: Σ p (j - i) = Σ p (j - c) - (i - c) Σ p
+            added = acc[..., self.col_l : self.col_j + 1] - before
+            acc[..., self.col_c].add_(added[..., 1] - st["rel"] * added[..., 0])
+        acc[..., self.col_e].add_(s.mul_(p).sum(-1))  # Σ p (s - m): the entropy numerator
         st["m"] = m_new
 
     # ---- one query block ---------------------------------------------------------------------
@@ -175,14 +214,15 @@ class _Forward:
         c = p1 - 1
         qb = (self.q5[:, :, :, i0:i1].to(torch.float32) * self.scale).reshape(self.bh, G * n, D)
         kmax = p1 if self.causal else d.len_k
-        self.vaug[:, :kmax, D + 1] = self.jpos[:kmax] - c
+        self._scratch().vaug[:, :kmax, self.col_j] = self.jpos[:kmax] - c
         rel = (torch.arange(p0, p1, device=dev, dtype=torch.float32) - c).repeat(G)  # p - c per row
+        # Cauchy-Schwarz: |s_ij| <= |q_i| max|k| =: R, so s - m >= -2R; below 80 exp never needs the clamp
+        reach = torch.linalg.vector_norm(qb, dim=-1).amax() * self.kmax
         st = {
             "m": torch.full((self.bh, G * n), NEG, device=dev),
             "acc": torch.zeros(self.bh, G * n, self.daug, device=dev),
-            "E": torch.zeros(self.bh, G * n, device=dev),
-            "corr": torch.zeros(self.bh, G * n, device=dev),
             "rel": rel,
+            "may_underflow": bool(2.0 * reach > -EXP_FLOOR),
         }
         for j0, j1, kind in self._tiles(p0, p1):
             self._tile(st, qb, i0, i1, j0, j1, kind)
@@ -190,15 +230,15 @@ class _Forward:
         cnt = self.counts[..., i0:i1]  # [B, Hkv, G, n]
         dead = (cnt == 0).reshape(self.bh, G * n)
         acc = st["acc"]
-        l_safe = torch.where(dead, 1.0, acc[..., D])
+        l_safe = torch.where(dead, 1.0, acc[..., self.col_l])
         inv = 1.0 / l_safe
         logl = torch.log(l_safe)
         lse = torch.where(dead, float("-inf"), st["m"] + logl)
-        dist = rel - acc[..., D + 1] * inv
+        dist = rel - acc[..., self.col_j] * inv
         if not self.causal:
-            dist = dist + 2.0 * st["corr"] * inv
+            dist = dist + 2.0 * acc[..., self.col_c] * inv
         local, self_m, prev, first1, first4 = self._recomputed(qb, torch.where(dead, float("inf"), lse), i0, i1)
-        ent = logl - st["E"] * inv
+        ent = logl - acc[..., self.col_e] * inv
         per_row = {
             "entropy": ent,
             "max_weight": inv,
@@ -229,6 +269,31 @@ class _Forward:
         qb = (torch.arange(i0, i1, device=cols.device) // self.bs)[:, None]
         return self.keep[:, :, qb, cols // self.bs]
 
+    def _band_logits(self, qb: torch.Tensor, lse: torch.Tensor, p0: int, n: int) -> torch.Tensor:
+        """``q_i·k_j - lse_i`` for the window keys ``j = p_i - wl + u``, ``[B*Hkv, G, n, nw]``.
+
+        One matmul per row chunk against the contiguous key band; the window entries are the
+        band's shifted diagonal, read through a strided view (no gather).
+        """
+        G, D = self.d.group, self.d.head_dim
+        wl, wr = self.wl, self.wr
+        nw = wl + wr + 1
+        q4 = qb.view(self.bh, G, n, D)
+        lse4 = lse.view(self.bh, G, n, 1)
+        # rows per matmul: the band of r rows spans r + wl + wr keys, so short row chunks waste less
+        step = max(64, 2 * (wl + wr))
+        step = max(1, min(n, step, _WINDOW_ELEMENTS // max(1, self.bh * G * (step + wl + wr))))
+        parts = []
+        for r0 in range(0, n, step):
+            r = min(n, r0 + step) - r0
+            width = r + wl + wr
+            keys = self.kpad[:, p0 + r0 : p0 + r0 + width]  # padded index of key j is j + wl
+            rows = q4[:, :, r0 : r0 + r].reshape(self.bh, G * r, D)
+            band = torch.bmm(rows, keys.transpose(1, 2))  # [Bh, G*r, width]
+            diag = band.as_strided((self.bh, G, r, nw), (G * r * width, r * width, width + 1, 1))
+            parts.append(diag - lse4[:, :, r0 : r0 + r])
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
     def _recomputed(
         self, qb: torch.Tensor, lse: torch.Tensor, i0: int, i1: int
     ) -> tuple[torch.Tensor, ...]:
@@ -249,16 +314,7 @@ class _Forward:
         valid = valid.view(-1, 1, 1, n, nw)  # [B|1, 1, 1, n, nw]
         if self.keep is not None:
             valid = valid & self._keep_at(i0, i1, jc).view(B, Hkv, G, n, nw)
-        q4 = qb.view(self.bh, G, n, D).transpose(1, 2)  # [Bh, n, G, D]
-        lse4 = lse.view(self.bh, G, n).transpose(1, 2)  # [Bh, n, G]
-        step = max(1, _WINDOW_ELEMENTS // max(1, self.bh * nw * D))
-        parts = []
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            win = self.kpad[:, p0 + r0 : p0 + r1 - 1 + nw].unfold(1, nw, 1)  # [Bh, r, D, nw]
-            logit = torch.matmul(q4[:, r0:r1], win)  # [Bh, r, G, nw]
-            parts.append(torch.exp(logit - lse4[:, r0:r1].unsqueeze(-1)))
-        a_w = torch.cat(parts, 1).view(B, Hkv, n, G, nw).transpose(2, 3)  # [B, Hkv, G, n, nw]
+        a_w = torch.exp(self._band_logits(qb, lse, p0, n)).view(B, Hkv, G, n, nw)
         a_w = torch.where(valid, a_w, torch.zeros((), device=dev))
         band = ((u - wl).abs() <= self.w).to(torch.float32)
         local = (a_w * band).sum(-1)
@@ -312,8 +368,9 @@ def chunked_attention(
         keep = check_keep(keep, dims, block_size, q.device)
     bq, bk = default_blocks(dims, block_q, block_k)
     fwd = _Forward(q, k, v, dims, causal, mask, scale, local_window, keep, block_size, bq, bk)
-    for i0 in range(0, dims.len_q, bq):
-        fwd.run_block(i0, min(dims.len_q, i0 + bq))
+    starts = list(range(0, dims.len_q, bq))[::-1]  # causal: the costliest (last) blocks first
+    workers = worker_count(q.device, len(starts), fwd.scratch_bytes())
+    run_blocks(lambda i0: fwd.run_block(i0, min(dims.len_q, i0 + bq)), starts, workers)
     B, Hq, Nq = dims.batch, dims.heads_q, dims.len_q
     return AttentionStats(
         out=fwd.out.view(B, Hq, Nq, dims.head_dim),

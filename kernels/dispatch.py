@@ -13,6 +13,16 @@ from .types import AttentionStats
 from .validation import check_block, check_keep, check_qk, resolve_backend
 
 
+def _pick(backend: object, device: torch.device, head_dim: int, block_size: int | None = None) -> str:
+    """Resolve the backend; "auto" falls back to chunked where the Triton kernels cannot run."""
+    chosen = resolve_backend(backend, device)
+    if backend == "auto" and chosen == "triton":
+        sparse_ok = block_size is None or (16 <= block_size <= 128 and block_size & (block_size - 1) == 0)
+        if not (16 <= head_dim <= 256 and sparse_ok):
+            return "chunked"
+    return chosen
+
+
 def _triton():
     from . import triton_launch  # imported lazily: TRITON_INTERPRET must be set before triton's jit runs
 
@@ -43,12 +53,14 @@ def attention_with_stats(
         scale: logit scale, default ``1/sqrt(D)``.
         local_window: ``w`` of ``local_mass = Σ_{|i-j|<=w} A_ij``.
         backend: "auto" | "reference" | "chunked" | "triton".
-        block_q / block_k: tile sizes (None = the backend's default).
+        block_q / block_k: tile sizes, None = the backend's default. chunked: query rows per head
+            and keys per tile (default about 1.2M logits a tile); triton: BLOCK_M / BLOCK_N,
+            powers of two >= 16 (default 64 / 32).
     Returns:
         ``AttentionStats(out [B, Hq, Nq, D] input dtype, lse [B, Hq, Nq] fp32, stats {name: [B, Hq, Nq]})``.
     """
-    check_qk(q, k)
-    chosen = resolve_backend(backend, q.device)
+    dims = check_qk(q, k)
+    chosen = _pick(backend, q.device, dims.head_dim)
     kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, local_window=local_window)
     if chosen == "reference":
         return reference.reference_attention(q, k, v, **kwargs)
@@ -73,8 +85,8 @@ def received_mass(
     ``ĉ_j = c_j / (number of real queries that can see j)`` (0 where nobody can).
     ``lse`` is the ``.lse`` of ``attention_with_stats`` on the same q, k, mask and scale.
     """
-    check_qk(q, k)
-    chosen = resolve_backend(backend, q.device)
+    dims = check_qk(q, k)
+    chosen = _pick(backend, q.device, dims.head_dim)
     kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if chosen == "reference":
         return reference.reference_received_mass(q, k, lse, **kwargs)
@@ -146,11 +158,12 @@ def block_sparse_attention(
     Dropped blocks contribute nothing. Statistics describe the sparse distribution
     (``entropy_normalized`` divides by the log of the number of kept visible keys). A row that
     keeps no visible key gets zero output/statistics and ``lse = -inf`` (never NaN).
-    The Triton backend needs ``block_size`` to be a power of two in [16, 128].
+    The Triton backend needs ``block_size`` to be a power of two in [16, 128] ("auto" falls back
+    to chunked otherwise).
     """
     dims = check_qk(q, k)
     block_size = check_block(block_size, "block_size")
-    chosen = resolve_backend(backend, q.device)
+    chosen = _pick(backend, q.device, dims.head_dim, block_size)
     keep_t = check_keep(keep, dims, block_size, q.device)
     kwargs = dict(
         causal=causal, key_padding_mask=key_padding_mask, scale=scale,
@@ -160,9 +173,4 @@ def block_sparse_attention(
         return reference.reference_attention(q, k, v, **kwargs)
     if chosen == "chunked":
         return chunked.chunked_attention(q, k, v, **kwargs)
-    if block_size > 128:
-        raise ValueError(
-            f"block_size={block_size} is too large for the Triton block-sparse kernel (max 128); "
-            "use a smaller block or backend='chunked'"
-        )
     return _triton().triton_attention(q, k, v, **kwargs)

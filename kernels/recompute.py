@@ -6,10 +6,13 @@ or a max/mean-pooled thumbnail of the whole map, never holding the whole map at 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import masks
-from .chunked import NEG, _even_chunks, _view, default_blocks
+from .chunked import EXP_FLOOR, _chunks, _view, default_blocks
+from .parallel import run_blocks, worker_count
 from .validation import (
     AttnDims,
     check_int,
@@ -56,26 +59,41 @@ def chunked_received_mass(
     q5 = q.reshape(B, Hkv, G, Nq, D)
     kf = k.reshape(bh, Nk, D).to(torch.float32)
     lse5 = _safe_lse(lse, mask, dims).view(B, Hkv, G, Nq)
-    kbias = None if mask is None else torch.zeros(B, Nk, device=dev).masked_fill_(~mask, NEG)
+    live = torch.isfinite(lse5)  # rows that see at least one key
     ar = torch.arange(bq, device=dev)
-    tri = torch.zeros(bq, bq, device=dev).masked_fill_(ar[None, :] > ar[:, None], NEG)
-    sbuf = torch.empty(bh * G * bq * max(bq, bk), device=dev)
-    col = torch.zeros(B, Hkv, G, Nk, device=dev)
-    for i0 in range(0, Nq, bq):
+    future = ar[None, :] > ar[:, None]  # diagonal tile: key after query
+    tile_elems = bh * G * bq * max(bq, bk)
+    partials: list[torch.Tensor] = []
+    local = threading.local()
+
+    def block(i0: int) -> None:
+        if not hasattr(local, "col"):  # per-worker scratch and column accumulator
+            local.sbuf = torch.empty(tile_elems, device=dev)
+            local.col = torch.zeros(B, Hkv, G, Nk, device=dev)
+            partials.append(local.col)
         i1 = min(Nq, i0 + bq)
         n, p0, p1 = i1 - i0, dims.offset + i0, dims.offset + i1
         qb = (q5[:, :, :, i0:i1].to(torch.float32) * scale).reshape(bh, G * n, D)
         lb = lse5[..., i0:i1].reshape(bh, G * n, 1)
-        tiles = _even_chunks(0, p0, bk) + [(p0, p1)] if causal else _even_chunks(0, Nk, bk)
+        live_b = live[..., i0:i1]
+        all_live = bool(live_b.all())
+        tiles = _chunks(0, p0, bk) + [(p0, p1)] if causal else _chunks(0, Nk, bk)
         for j0, j1 in tiles:
             nk = j1 - j0
-            s = torch.bmm(qb, kf[:, j0:j1].transpose(1, 2), out=_view(sbuf, (bh, G * n, nk)))
+            s = torch.bmm(qb, kf[:, j0:j1].transpose(1, 2), out=_view(local.sbuf, (bh, G * n, nk)))
+            # masked entries are zeroed exactly after exp; the clamp keeps exp on its fast path
+            s.sub_(lb).clamp_(min=EXP_FLOOR, max=-EXP_FLOOR).exp_()
             if causal and j0 == p0:
-                s.view(bh, G, n, nk).add_(tri[:n, :nk])
-            if kbias is not None and not bool(mask[:, j0:j1].all()):
-                s.view(B, -1, nk).add_(kbias[:, None, j0:j1])
-            s.sub_(lb).exp_()
-            col[..., j0:j1] += s.view(B, Hkv, G, n, nk).sum(3)
+                s.view(bh, G, n, nk).masked_fill_(future[:n, :nk], 0.0)
+            if mask is not None and not bool(mask[:, j0:j1].all()):
+                s.view(B, -1, nk).masked_fill_(~mask[:, None, j0:j1], 0.0)
+            if not all_live:
+                s.view(B, Hkv, G, n, nk).mul_(live_b.unsqueeze(-1))
+            local.col[..., j0:j1] += s.view(B, Hkv, G, n, nk).sum(3)
+
+    starts = list(range(0, Nq, bq))[::-1]
+    run_blocks(block, starts, worker_count(dev, len(starts), 4 * (tile_elems + B * Hkv * G * Nk)))
+    col = partials[0] if len(partials) == 1 else torch.stack(partials).sum(0)
     col = col.view(B, dims.heads_q, Nk)
     counts = masks.receiver_counts(dims, causal, mask, dev).unsqueeze(1)
     return col, torch.where(counts > 0, col / counts.clamp(min=1.0), torch.zeros((), device=dev))

@@ -24,10 +24,22 @@ from .validation import (
     check_qkv,
     check_triton_inputs,
     resolve_scale,
+    triton_interpreting,
 )
 
 DEFAULT_BLOCK_M = 64
-DEFAULT_BLOCK_N = 64
+DEFAULT_BLOCK_N = 32
+MAX_SPARSE_BLOCK = 128  # block-sparse programs use BLOCK_M = BLOCK_N = block_size
+
+
+def _check_int32_indexable(*tensors: torch.Tensor) -> None:
+    """The kernels compute element offsets in int32."""
+    for x in tensors:
+        if x.numel() >= 2**31:
+            raise ValueError(
+                f"a tensor of shape {tuple(x.shape)} has >= 2**31 elements, too many for the Triton "
+                "kernels' int32 offsets; split the batch or the heads into smaller calls"
+            )
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +55,23 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.
     return m, m.stride(0)
 
 
-def _num_warps(head_dim: int) -> int:
-    return 4 if head_dim <= 64 else 8
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """The CPU interpreter mis-computes bf16 ``tl.dot``; feed it fp32 copies there."""
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
+def _num_warps(dtype: torch.dtype, head_dim: int, block_m: int, block_n: int) -> int:
+    """Warps per program; chosen so ptxas (sm_90) reports no register spills for the defaults."""
+    if dtype == torch.float32:
+        return 8 if head_dim <= 64 else 4
+    return 8 if head_dim > 64 or block_m * block_n >= 64 * 64 else 4
+
+
+def _dot_precision(dtype: torch.dtype, head_dim: int) -> str | None:
+    """fp32 dots at fp32 accuracy: exact FMA for small heads, 3xTF32 (fewer registers) for big ones."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if head_dim <= 64 else "tf32x3"
 
 
 def sparse_block_lists(
@@ -89,11 +116,17 @@ def launch_stats_forward(
     dims = check_qkv(q, k, v)
     check_triton_inputs(q, k, v)
     check_head_dim_for_triton(dims.head_dim)
+    _check_int32_indexable(q, k, v)
     mask = check_key_padding_mask(key_padding_mask, dims, q.device)
     qk_scale = resolve_scale(scale, dims.head_dim) * tk.LOG2E
     local_window = check_int(local_window, "local_window", low=0)
     if keep is not None:
         block_size = check_block(block_size, "block_size", power_of_two=True)
+        if block_size > MAX_SPARSE_BLOCK:
+            raise ValueError(
+                f"block_size={block_size} is too large for the Triton block-sparse kernel "
+                f"(max {MAX_SPARSE_BLOCK}); use a smaller block or backend='chunked'"
+            )
         keep = check_keep(keep, dims, block_size, q.device)
         block_m = block_n = block_size
     bm = check_block(block_m or DEFAULT_BLOCK_M, "block_q", power_of_two=True)
@@ -122,8 +155,9 @@ def launch_stats_forward(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_D=triton.next_power_of_2(D),
-        IEEE_DOT=q.dtype == torch.float32,
-        num_warps=_num_warps(D),
+        DOT_PRECISION=_dot_precision(q.dtype, D),
+        UPCAST_DOT=_upcast_dot(q.dtype),
+        num_warps=_num_warps(q.dtype, D, bm, bn),
     )
     return out, lse, stats
 
@@ -143,6 +177,7 @@ def launch_received_mass(
     dims = check_qk(q, k)
     check_triton_inputs(q, k)
     check_head_dim_for_triton(dims.head_dim)
+    _check_int32_indexable(q, k)
     mask = check_key_padding_mask(key_padding_mask, dims, q.device)
     lse = check_lse(lse, dims, q.device).contiguous()
     qk_scale = resolve_scale(scale, dims.head_dim) * tk.LOG2E
@@ -164,8 +199,9 @@ def launch_received_mass(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_D=triton.next_power_of_2(D),
-        IEEE_DOT=q.dtype == torch.float32,
-        num_warps=_num_warps(D),
+        DOT_PRECISION=_dot_precision(q.dtype, D),
+        UPCAST_DOT=_upcast_dot(q.dtype),
+        num_warps=_num_warps(q.dtype, D, bm, bn),
     )
     return col
 

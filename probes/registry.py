@@ -10,6 +10,10 @@ from workbench.errors import InputError
 PROBES: dict[str, type[Probe]] = {
     PatternStats.name: PatternStats,
     Detectors.name: Detectors,
+    "hess": __import__("probes.hess", fromlist=["HeSS"]).HeSS,
+    "importance": __import__("probes.importance", fromlist=["HeadImportance"]).HeadImportance,
+    "sinks": __import__("probes.sinks", fromlist=["Sinks"]).Sinks,
+    "vhd": __import__("probes.vhd", fromlist=["VHD"]).VHD,
 }
 
 

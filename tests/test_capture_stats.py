@@ -67,6 +67,24 @@ def test_head_subset_and_gqa_mapping(tiny_llama):
     assert stats.extras["q.1"].shape[1] == 2 and stats.extras["k.1"].shape[1] == tiny_llama.n_kv_heads
 
 
+def test_forward_stops_after_the_last_selected_layer(tiny_gpt2, monkeypatch):
+    import kernels
+
+    calls = []
+    original = kernels.attention_with_stats
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    batch = tiny_gpt2.tokenize(PROMPTS)
+    patterns = capture(tiny_gpt2, batch, mode="patterns", layers=[0], progress=False)
+    monkeypatch.setattr(kernels, "attention_with_stats", counting)
+    stats = capture(tiny_gpt2, batch, mode="stats", layers=[0], batch_size=2, progress=False)
+    assert len(calls) == 2  # one attention call per chunk: layer 1 never ran
+    assert_same_capture(stats, patterns)
+
+
 def test_induction_rows_on_repeated_random_tokens(tiny_llama):
     from workbench.data import load_dataset
 
@@ -172,8 +190,36 @@ def test_detector_gather_matches_materialised_map(monkeypatch):
     expected = detector_rows(torch.softmax(scores, -1)[None], tokens[None], torch.ones(1, n, dtype=torch.bool))
     from workbench import recompute
 
-    for elements in (recompute._ELEMENTS, 64, 1):
+    for rows, elements in ((recompute._ROWS, recompute._ELEMENTS), (3, 64), (5, 1)):
+        monkeypatch.setattr(recompute, "_ROWS", rows)
         monkeypatch.setattr(recompute, "_ELEMENTS", elements)
         got = detector_rows_from_qk(q, k, lse, token_groups(tokens), 0.3)
         for name in DETECTOR_ROWS:
             close(got[name], expected[name][0])
+
+
+@pytest.mark.smollm2
+def test_smollm2_stats_mode_equals_patterns_mode(smollm2):
+    from workbench.data import load_dataset
+
+    batch = load_dataset("calibration", smollm2, seq_len=256, n=1)
+    assert batch.tokens.shape == (1, 256)
+    patterns = capture(smollm2, batch, mode="patterns", progress=False)
+    stats = capture(smollm2, batch, mode="stats", progress=False)
+    assert len(stats.layers) * len(stats.heads) == 270
+    assert_same_capture(stats, patterns, tol=1e-4)
+
+
+def test_interventions_apply_in_stats_mode(tiny_llama):
+    from workbench.capture_stats import capture_stats
+    from workbench.interventions import parse_interventions
+
+    batch = tiny_llama.tokenize(PROMPTS)
+    edits = parse_interventions("L0H1:zero, L0H3:scale=2")
+    layers, heads = tiny_llama.check_heads(None, None)
+    patterns = capture(tiny_llama, batch, mode="patterns", fwd_hooks=edits.hooks(tiny_llama, batch), progress=False)
+    stats = capture_stats(tiny_llama, batch, layers=layers, heads=heads, interventions=edits, progress=False)
+    assert_same_capture(stats, patterns)
+    clean = capture(tiny_llama, batch, mode="stats", progress=False)
+    assert (clean.row_stats["entropy"][:, 1] - stats.row_stats["entropy"][:, 1]).abs().max() > 1e-4
+    assert stats.info["interventions"] == edits.text

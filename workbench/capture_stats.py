@@ -129,7 +129,7 @@ class StatsRecorder:
     def _detectors(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
         for b, groups in enumerate(self.groups):
             n = groups.length
-            if not groups.buckets:
+            if groups.order.numel() == 0:
                 continue
             rows = detector_rows_from_qk(q[b, :, :n], k[b, :, :n], lse[b, :, :n], groups, scale)
             for name, value in rows.items():
@@ -161,8 +161,7 @@ def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 0:
         raise InputError(f"local_window must be a non-negative int, got {local_window!r}")
-    if interventions is not None:
-        interventions.validate(model)
+    editors = interventions.z_editors(model, batch) if interventions is not None else ()
     from kernels import attention_with_stats
 
     attention = functools.partial(attention_with_stats, local_window=local_window)
@@ -177,7 +176,6 @@ def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int
         recorder.bar = bar
         for chunk in bar:
             recorder.start(chunk, start)
-            editors = interventions.z_editors(model, chunk) if interventions is not None else ()
             mask = chunk.mask.to(device)
             with model.lock, torch.no_grad(), kernel_forward(mask, attention=attention, recorders=[recorder],
                                                              z_editors=editors):
@@ -191,7 +189,7 @@ def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int
         recorder.row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
     info = {"local_window": local_window, "scale": recorder.scale, "kv_group": recorder.group}
     if interventions is not None:
-        info["interventions"] = repr(interventions)
+        info["interventions"] = interventions.text
     return Capture(
         model_name=model.name, mode="stats", causal=model.causal, tokens=batch.tokens, mask=batch.mask,
         str_tokens=[model.str_tokens(t[m]) for t, m in zip(batch.tokens, batch.mask)],

@@ -22,49 +22,47 @@ import torch
 
 from workbench.errors import InputError
 
-_ELEMENTS = 1 << 22  # logits per step of the detector gather (16 MB fp32)
+_ELEMENTS = 1 << 22  # logits per step of the detector gather and of region thumbnails (16 MB fp32)
+_ROWS = 128  # query rows per step of the detector gather
+_EXP_FLOOR = -80.0  # logits - LSE are clamped here before exp (see detector_rows_from_qk)
 
 
 @dataclass(frozen=True)
 class TokenGroups:
-    """Positions of repeated tokens in one sequence, bucketed by group size.
+    """Positions of the tokens that occur twice or more in one sequence, grouped by token.
 
     Attributes:
-        buckets: ``(idx [G, C] long, valid [G, C] bool)`` per bucket: row ``g`` lists the
-            ascending positions of one token seen ``2..C`` times (padded with 0 where invalid).
+        order: ``[m]`` positions sorted by (token, position): each token's positions are contiguous.
+        start: ``[m]`` index into ``order`` where each element's token group starts.
         length: the sequence length ``n``.
     """
 
-    buckets: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    order: torch.Tensor
+    start: torch.Tensor
     length: int
 
 
 def token_groups(tokens: torch.Tensor) -> TokenGroups:
-    """Group the positions of a 1-D token sequence ``[n]`` by token (tokens seen twice or more)."""
+    """Group the positions of a 1-D token sequence ``[n]`` by token (singletons dropped)."""
     n = int(tokens.numel())
-    if n < 2:
-        return TokenGroups((), n)
-    values, pos = torch.sort(tokens, stable=True)  # positions ascend within each token
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.nonzero(values[1:] != values[:-1]).flatten() + 1])
-    sizes = torch.diff(torch.cat([starts, torch.tensor([n])]))
-    buckets = []
-    size = 2
-    while True:
-        sel = (sizes <= size) & (sizes > size // 2) & (sizes >= 2)
-        if bool(sel.any()):
-            rank = torch.arange(size)
-            valid = rank[None, :] < sizes[sel][:, None]
-            idx = pos[(starts[sel][:, None] + rank[None, :]).clamp(max=n - 1)].masked_fill(~valid, 0)
-            buckets.append((idx, valid))
-        if size >= n:
-            break
-        size *= 2
-    return TokenGroups(tuple(buckets), n)
+    values, pos = torch.sort(tokens.cpu(), stable=True)  # positions ascend within each token
+    first = torch.ones(n, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    gid = torch.cumsum(first, 0) - 1
+    keep = torch.bincount(gid)[gid] >= 2
+    order, first = pos[keep], first[keep]
+    index = torch.arange(order.numel())
+    start = torch.cummax(torch.where(first, index, torch.zeros_like(index)), 0).values
+    return TokenGroups(order, start, n)
 
 
 def detector_rows_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, groups: TokenGroups,
                           scale: float) -> dict[str, torch.Tensor]:
     """Induction and duplicate-token row masses of one sequence, exact, without the map.
+
+    In token-sorted order the targets of a row are the earlier members of its own contiguous
+    group, so each step multiplies ``_ROWS`` rows by the keys from their group starts: the work
+    is about ``Σ_t c_t² / 2 + m · _ROWS`` logits per head (``c_t`` = count of token ``t``).
 
     Args:
         q: ``[H, n, d]`` queries of the heads (real tokens only).
@@ -78,30 +76,35 @@ def detector_rows_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, g
         earlier occurrence of token ``i``; see :func:`workbench.pattern_rows.detector_targets`).
     """
     H, n, _ = q.shape
-    dup = torch.full((H, n), float("nan"), device=q.device)
-    ind = torch.full((H, n), float("nan"), device=q.device)
-    for idx, valid in groups.buckets:
-        idx, valid = idx.to(q.device), valid.to(q.device)
-        G, C = idx.shape
-        g_step = max(1, _ELEMENTS // (H * C * max(C, q.shape[-1])))
-        r_step = C if H * C * C <= _ELEMENTS else max(1, _ELEMENTS // (H * C))
-        rank = torch.arange(C, device=q.device)
-        for g0 in range(0, G, g_step):
-            ig, vg = idx[g0:g0 + g_step], valid[g0:g0 + g_step]
-            qg, lg = q[:, ig] * scale, lse[:, ig]  # [H, g, C, d], [H, g, C]
-            kg, kn = k[:, ig], k[:, (ig + 1).clamp(max=n - 1)]
-            for r0 in range(0, C, r_step):
-                r1 = min(C, r0 + r_step)
-                earlier = (rank[None, :r1] < rank[r0:r1, None])[None] & vg[:, None, :r1]  # [g, r, r1]
-                rows = vg[:, r0:r1] & (rank[r0:r1] >= 1)[None]  # rows with at least one target
-                if not bool(rows.any()):
-                    continue
-                qr, lr = qg[:, :, r0:r1], lg[:, :, r0:r1, None]
-                target = ig[:, r0:r1][rows]
-                for out, keys in ((dup, kg), (ind, kn)):
-                    p = torch.exp(torch.matmul(qr, keys[:, :, :r1].transpose(-1, -2)) - lr)
-                    mass = torch.where(earlier, p, torch.zeros((), device=q.device)).sum(-1)  # [H, g, r]
-                    out[:, target] = mass[:, rows]
+    dev = q.device
+    dup = torch.full((H, n), float("nan"), device=dev)
+    ind = torch.full((H, n), float("nan"), device=dev)
+    m = groups.order.numel()
+    if m == 0:
+        return {"duplicate_mass": dup, "induction_mass": ind}
+    order, start = groups.order.to(dev), groups.start.to(dev)
+    # logits minus LSE straight from the matmul: [scale·q, -lse] · [k, 1]
+    qs = torch.cat([q.index_select(1, order).float() * scale, -lse.index_select(1, order).float()[..., None]], -1)
+    keys = torch.empty(H, 2, m, q.shape[-1] + 1, device=dev)
+    keys[..., -1] = 1.0
+    keys[:, 0, :, :-1] = k.index_select(1, order)
+    keys[:, 1, :, :-1] = k.index_select(1, (order + 1).clamp(max=n - 1))
+    index = torch.arange(m, device=dev)
+    acc = torch.zeros(H, 2, m, device=dev)
+    for a0 in range(0, m, _ROWS):
+        a1 = min(m, a0 + _ROWS)
+        rows = slice(a0, a1)
+        step = max(1, _ELEMENTS // (2 * H * (a1 - a0)))
+        for c0 in range(int(start[a0]), a1, step):
+            c1 = min(a1, c0 + step)
+            other = (start[c0:c1][None, :] != start[rows][:, None]) | (index[c0:c1][None, :] >= index[rows][:, None])
+            logits = torch.matmul(qs[:, None, rows], keys[:, :, c0:c1].transpose(-1, -2))  # [H, 2, r, w]
+            # floor at -80 instead of -inf: torch's vectorised exp is ~15x slower below about -88,
+            # and exp(-80) = 1.8e-35 per non-target key is far below fp32 resolution of any mass
+            acc[:, :, rows] += logits.clamp_min_(_EXP_FLOOR).masked_fill_(other, _EXP_FLOOR).exp_().sum(-1)
+    has_target = index > start
+    where = order[has_target]
+    dup[:, where], ind[:, where] = acc[:, 0, has_target], acc[:, 1, has_target]
     return {"duplicate_mass": dup, "induction_mass": ind}
 
 

@@ -89,6 +89,20 @@ REGISTRY: dict[str, ModelSpec] = {
                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1024,
             ),
         ),
+        ModelSpec(
+            name="tiny-llava",
+            kind="tiny",
+            description="randomly initialised LLaVA (1-layer CLIP vision tower, 32x32 images -> 16 "
+            "image tokens; 2-layer Llama text model, 4 query heads, 2 KV heads) for vision tests",
+            causal=True,
+            tiny_config=dict(
+                architecture="llava",
+                text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256),
+                vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=32, patch_size=8),
+            ),
+        ),
     ]
 }
 

@@ -11,18 +11,23 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class JobIds:
-    """The ids of one page's job panel (store, poll timer, progress bar, cancel button, text)."""
+    """The ids of one page's job panel.
+
+    ``store`` holds the running job's id; ``interval`` polls it; ``progress``/``status`` show
+    it; ``cancel`` asks it to stop; ``done`` receives the final status once, for the page's
+    own callback to pick the result up.
+    """
 
     store: str
     interval: str
     progress: str
     cancel: str
     status: str
+    done: str
 
     @classmethod
     def for_page(cls, page: str) -> "JobIds":
-        return cls(f"{page}-job-store", f"{page}-job-interval", f"{page}-job-progress",
-                   f"{page}-job-cancel", f"{page}-job-status")
+        return cls(*(f"{page}-job-{part}" for part in ("store", "interval", "progress", "cancel", "status", "done")))
 
 
 # ---------------------------------------------------------------- shell (app layout)
@@ -43,6 +48,7 @@ PROMPT_RUN = "prompt-run"
 PROMPT_MESSAGE = "prompt-message"
 PROMPT_TOKENS = "prompt-tokens"
 PROMPT_SUMMARY = "prompt-summary"
+PROMPT_INIT = "prompt-init"             # Store in the page: fires once when the page renders
 PROMPT_JOB = JobIds.for_page("prompt")
 
 # ---------------------------------------------------------------- page 2: head map
@@ -51,6 +57,8 @@ HEADMAP_GRAPH = "headmap-graph"
 HEADMAP_HELP = "headmap-help"
 HEADMAP_MESSAGE = "headmap-message"
 HEADMAP_PROBE = "headmap-probe"
+HEADMAP_SOURCE = "headmap-source"       # compute a probe on this prompt or on a dataset
+HEADMAP_SOURCE_N = "headmap-source-n"
 HEADMAP_COMPUTE = "headmap-compute"
 HEADMAP_PROBE_LIST = "headmap-probe-list"
 HEADMAP_SELECTED = "headmap-selected"
@@ -65,6 +73,8 @@ PATTERN_QUERY = "pattern-query"
 PATTERN_ROW = "pattern-row"
 PATTERN_MESSAGE = "pattern-message"
 PATTERN_INFO = "pattern-info"
+PATTERN_INIT = "pattern-init"
+PATTERN_VIEW = "pattern-view"         # Store: the region shown (for zoom events)
 
 # ---------------------------------------------------------------- page 4: head atlas
 ATLAS_DATASET = "atlas-dataset"
@@ -95,6 +105,7 @@ INTERVENE_LOSS = "intervene-loss"
 INTERVENE_CONTINUATION = "intervene-continuation"
 INTERVENE_DELTA = "intervene-delta"
 INTERVENE_MESSAGE = "intervene-message"
+INTERVENE_INIT = "intervene-init"
 INTERVENE_RESULT = "intervene-result"  # Store: key of the finished comparison
 INTERVENE_JOB = JobIds.for_page("intervene")
 
@@ -110,4 +121,5 @@ RUNS_GRAPH = "runs-graph"
 RUNS_DELTA = "runs-delta"
 RUNS_TABLE = "runs-table"
 RUNS_MESSAGE = "runs-message"
+RUNS_INIT = "runs-init"
 RUNS_STATE = "runs-state"             # Store: the opened folder paths

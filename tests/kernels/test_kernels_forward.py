@@ -95,3 +95,39 @@ def test_known_values_on_a_uniform_map():
     torch.testing.assert_close(s["local_mass"][0, 0], torch.clamp(cnt, max=3) / cnt)
     torch.testing.assert_close(s["mean_distance"][0, 0], i / 2)
     torch.testing.assert_close(got.out[0, 0], v[0, 0].cumsum(0) / cnt[:, None])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_non_contiguous_inputs(backend):
+    """Models hand over q/k/v as [B, N, H, D].transpose(1, 2) views."""
+    q, k, v, mask, causal = make_inputs("gqa-causal-pad")
+    qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    truth, base = truth_and_baseline(q, k, v, causal=causal, key_padding_mask=mask)
+    assert_stats_match(attention_with_stats(qt, kt, vt, key_padding_mask=mask, backend=backend), truth, base)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("n,causal", [(1, True), (2, False), (3, True), (5, False)])
+def test_tiny_sequences(n, causal, backend):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=g) for _ in range(3))
+    truth, base = truth_and_baseline(q, k, v, causal=causal)
+    assert_stats_match(attention_with_stats(q, k, v, causal=causal, backend=backend), truth, base)
+
+
+def test_block_parallel_workers_match_sequential():
+    """With 2 torch threads the chunked path runs query blocks on 2 workers: identical results."""
+    from kernels.recompute import chunked_received_mass
+
+    q, k, v, mask, causal = make_inputs("gqa-bidir-pad")
+    seq = chunked_attention(q, k, v, causal=causal, key_padding_mask=mask, block_q=8, block_k=16)
+    col_seq, _ = chunked_received_mass(q, k, seq.lse, causal=causal, key_padding_mask=mask, block_q=8, block_k=16)
+    torch.set_num_threads(2)  # restored by the autouse fixture
+    par = chunked_attention(q, k, v, causal=causal, key_padding_mask=mask, block_q=8, block_k=16)
+    col_par, _ = chunked_received_mass(q, k, par.lse, causal=causal, key_padding_mask=mask, block_q=8, block_k=16)
+    assert torch.get_num_threads() == 2  # the call restores the thread count it changed
+    assert torch.equal(seq.out, par.out) and torch.equal(seq.lse, par.lse)
+    for name in STAT_NAMES:
+        assert torch.equal(seq.stats[name], par.stats[name]), name
+    torch.testing.assert_close(col_seq, col_par, rtol=1e-6, atol=1e-7)  # summation order differs

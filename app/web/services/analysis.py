@@ -20,7 +20,7 @@ from workbench.batch import TokenBatch
 from workbench.capture import Capture, capture
 from workbench.data import list_datasets, load_dataset
 from workbench.errors import InputError, WorkbenchError
-from workbench.model import HookedModel, load_model
+from workbench.model import HookedModel, hook_name, load_model
 from workbench.registry import REGISTRY
 
 Mode = Literal["patterns", "stats"]
@@ -39,6 +39,7 @@ class Analysis:
         frame: tidy head table of every probe computed so far (capture probes at once,
             model-based probes added on demand by :func:`app.web.services.headmap.start_probe`).
         notes: probes that could not run on this input, with the reason.
+        sources: probe -> what it was computed on (``"this prompt"`` or ``"DATASET ×n"``).
     """
 
     model_name: str
@@ -48,6 +49,7 @@ class Analysis:
     mode: Mode
     frame: pd.DataFrame
     notes: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -58,12 +60,15 @@ class Analysis:
     def tokens(self) -> list[str]:
         return self.capture.tokens_of(0)
 
-    def add_frame(self, frame: pd.DataFrame) -> None:
+    def add_frame(self, frame: pd.DataFrame, source: str = "this prompt") -> None:
         """Merge a probe's table (replacing earlier rows of the same probe)."""
         with self.lock:
             probes = set(frame["probe"].unique())
             kept = self.frame[~self.frame["probe"].isin(probes)]
             self.frame = concat_frames([kept, frame])
+            for probe in probes:
+                self.sources[probe] = source
+                self.notes.pop(probe, None)
 
 
 # ---------------------------------------------------------------- choices for the page
@@ -97,18 +102,18 @@ def check_prompt(ws: Workspace, text: str | None) -> str:
     return text
 
 
-def choose_mode(ws: Workspace, n_tokens: int) -> Mode:
+def choose_mode(ws: Workspace, n_tokens: int, n_ctx: int | None = None) -> Mode:
     """Patterns mode (full maps kept) up to the patterns limit, stats mode up to the stats limit.
 
     Raises:
-        InputError: longer than the stats limit.
+        InputError: longer than the stats limit or the model's context.
     """
-    if n_tokens <= ws.limits.patterns:
-        return "patterns"
-    if n_tokens <= ws.limits.stats:
-        return "stats"
-    raise InputError(f"prompt is {n_tokens} tokens, longer than the app's limit of {ws.limits.stats}: "
-                     "shorten it, or use 'workbench analyze --mode stats' for long inputs")
+    limit = min(ws.limits.stats, n_ctx or ws.limits.stats)
+    if n_tokens > limit:
+        what = "the model's context" if limit == n_ctx and n_ctx < ws.limits.stats else "the app's limit"
+        raise InputError(f"prompt is {n_tokens} tokens, longer than {what} of {limit} tokens: shorten it "
+                         "(the batch CLI 'workbench analyze --mode stats --seq-len N' handles long files)")
+    return "patterns" if n_tokens <= ws.limits.patterns else "stats"
 
 
 # ---------------------------------------------------------------- jobs
@@ -145,7 +150,12 @@ def example_text(model: HookedModel, batch: TokenBatch, index: int) -> str:
 def start_analysis(ws: Workspace, model_name: str, prompt: str) -> str:
     """Validate, then queue :func:`analyse` as a job; returns the job id."""
     check_prompt(ws, prompt)
-    return ws.jobs.submit("analysis", lambda ctx: {"kind": "analysis", "key": analyse(ws, model_name, prompt, ctx)})
+
+    def job(ctx: JobContext) -> dict:
+        key = analyse(ws, model_name, prompt, ctx)
+        return {"kind": "analysis", "key": key, "model": model_name, "prompt": prompt}
+
+    return ws.jobs.submit("analysis", job)
 
 
 def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str:
@@ -153,12 +163,12 @@ def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str
     ctx.progress(0.05, f"loading {model_name}")
     model = load_model(model_name)
     ctx.progress(0.3, "tokenizing")
-    ids = model.encode(prompt, max_tokens=ws.limits.stats)
-    mode = choose_mode(ws, ids.numel())
+    # count first so an over-long text gets the app's message (not the tokenizer's)
+    choose_mode(ws, len(model.tokenizer(prompt, add_special_tokens=True)["input_ids"]), model.n_ctx)
+    ids = model.encode(prompt)
+    mode = choose_mode(ws, ids.numel(), model.n_ctx)
     batch = model.batch_from_ids([ids], meta=[{"prompt": prompt}])
-    ctx.progress(0.4, f"capturing every head ({mode} mode, {ids.numel()} tokens)")
-    cap = capture(model, batch, mode=mode, keep_patterns=mode == "patterns", keep_qk=mode == "stats",
-                  progress=False)
+    cap = capture_with_checkpoints(model, batch, mode, ctx, 0.35, 0.35)
     frames, notes = [], {}
     capture_probes = [cls for cls in PROBES.values() if cls.needs_capture]
     for i, cls in enumerate(capture_probes):
@@ -171,6 +181,64 @@ def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str
     analysis = Analysis(model_name=model_name, prompt=prompt, batch=batch, capture=cap, mode=mode,
                         frame=concat_frames(frames), notes=notes)
     return ws.analyses.put(analysis)
+
+
+class LayerCheckpoints:
+    """Progress and cancellation inside one forward: a check as each layer's attention runs.
+
+    Patterns mode uses TransformerLens hooks on ``hook_pattern`` (scoped to the capture call);
+    stats mode passes this object as ``interventions`` to
+    :func:`workbench.capture_stats.capture_stats`, whose only use of it is to add its z editors
+    (here: one that reports progress, checks for Cancel and returns ``z`` unchanged).
+    """
+
+    text = ""
+
+    def __init__(self, model: HookedModel, ctx: JobContext, base: float, span: float, what: str) -> None:
+        self.model, self.ctx, self.base, self.span, self.what = model, ctx, base, span, what
+
+    def _reached(self, layer: int) -> None:
+        fraction = self.base + self.span * (layer + 1) / self.model.n_layers
+        self.ctx.progress(fraction, f"{self.what}: layer {layer + 1}/{self.model.n_layers}")
+
+    def hooks(self) -> list[tuple[str, object]]:
+        def hook(pattern, hook, layer):
+            self._reached(layer)
+            return pattern
+        return [(hook_name(layer, "pattern"), _bind(hook, layer=layer)) for layer in range(self.model.n_layers)]
+
+    # the two methods capture_stats calls on its ``interventions`` argument
+    def validate(self, model: HookedModel, batch: TokenBatch | None = None) -> None:
+        return None
+
+    def z_editors(self, model: HookedModel, batch: TokenBatch | None = None) -> list:
+        def edit(z, call):
+            self._reached(call.layer)
+            return z
+        return [edit]
+
+
+def _bind(fn, **kwargs):
+    def hook(tensor, hook):
+        return fn(tensor, hook, **kwargs)
+    return hook
+
+
+def capture_with_checkpoints(model: HookedModel, batch: TokenBatch, mode: Mode, ctx: JobContext,
+                             base: float, span: float) -> Capture:
+    """Capture every head (maps kept in patterns mode, Q/K/LSE in stats mode), cancellable per layer."""
+    n = int(batch.lengths.max())
+    checkpoints = LayerCheckpoints(model, ctx, base, span, f"capturing every head ({mode} mode, {n} tokens)")
+    ctx.progress(base, checkpoints.what)
+    if mode == "patterns":
+        return capture(model, batch, mode="patterns", keep_patterns=True, progress=False,
+                       fwd_hooks=checkpoints.hooks())
+    from workbench.capture_stats import capture_stats
+
+    cap = capture_stats(model, batch, layers=list(range(model.n_layers)), heads=list(range(model.n_heads)),
+                        keep_qk=True, progress=False, interventions=checkpoints)
+    cap.info.pop("interventions", None)  # the checkpoints changed nothing
+    return cap
 
 
 def get_analysis(ws: Workspace, session: dict | None) -> Analysis:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 
 import plotly.graph_objects as go
 
@@ -12,10 +13,14 @@ from app.web.services.metric_help import describe
 from app.web.services.workspace import Workspace
 from probes.figures import head_heatmap
 from probes.registry import PROBES
+from workbench.capture import capture
+from workbench.data import load_dataset
 from workbench.errors import InputError, WorkbenchError
 from workbench.model import load_model
 
 SEPARATOR = "|"
+DATASET_SAMPLES = 8
+MAX_DATASET_SAMPLES = 64
 
 
 def metric_value(probe: str, metric: str) -> str:
@@ -33,7 +38,13 @@ def split_metric_value(value: str | None) -> tuple[str, str]:
 def metric_options(analysis: Analysis) -> list[dict]:
     """Every computed ``(probe, metric)`` of the analysis, in table order."""
     pairs = analysis.frame[["probe", "metric"]].drop_duplicates()
-    return [{"label": f"{p} / {m}", "value": metric_value(p, m)} for p, m in pairs.itertuples(index=False)]
+    return [{"label": f"{p} / {m}{_source_note(analysis, p)}", "value": metric_value(p, m)}
+            for p, m in pairs.itertuples(index=False)]
+
+
+def _source_note(analysis: Analysis, probe: str) -> str:
+    source = analysis.sources.get(probe, "this prompt")
+    return "" if source == "this prompt" else f" (on {source})"
 
 
 def default_metric(options: list[dict], current: str | None) -> str | None:
@@ -48,8 +59,9 @@ def probe_catalog(analysis: Analysis | None) -> list[dict]:
     """Every registered probe: its metrics, whether it needs the model, and whether it is computed."""
     computed = set() if analysis is None else set(analysis.frame["probe"].unique())
     notes = {} if analysis is None else analysis.notes
+    sources = {} if analysis is None else analysis.sources
     return [{"name": name, "metrics": list(cls.metrics), "needs_model": not cls.needs_capture,
-             "computed": name in computed, "note": notes.get(name, "")}
+             "computed": name in computed, "note": notes.get(name, ""), "source": sources.get(name, "this prompt")}
             for name, cls in PROBES.items()]
 
 
@@ -62,33 +74,55 @@ def headmap_figure(analysis: Analysis, value: str | None, selected: tuple[int, i
     fig = head_heatmap(rows, metric, probe=probe, title=f"{probe} / {metric}",
                        selected=tuple(selected) if selected else None)
     explain = html.escape(describe(probe, metric))
-    fig.update_traces(hovertemplate=f"<i>{explain}</i><br>" + fig.data[0].hovertemplate)
+    template = fig.data[0].hovertemplate
+    if rows[["ci_low", "ci_high"]].isna().all().all():  # one sample (a single prompt): no interval
+        template = re.sub(r"<br>95% CI .*?(?=<extra>)", "<br>95% CI: n/a (one sample)", template)
+    fig.update_traces(hovertemplate=f"<i>{explain}</i><br>" + template)
     n_layers = rows["layer"].nunique()
     fig.update_layout(height=max(360, 22 * n_layers + 140), clickmode="event")
     return fig
 
 
-def start_probe(ws: Workspace, analysis: Analysis, name: str | None) -> str:
-    """Job: fit a registered probe (typically model-based) on the analysed prompt."""
+def start_probe(ws: Workspace, analysis: Analysis, name: str | None, dataset: str | None = None,
+                n: int | None = None) -> str:
+    """Job: fit a registered probe on the analysed prompt, or on ``n`` samples of ``dataset``.
+
+    Dataset-level probes (importance with resampling, HeSS, sink rates) need several samples;
+    their rows join the head table with the source noted in :attr:`Analysis.sources`.
+    """
     if not name:
         raise InputError("no probe chosen: pick one from the list")
     if name not in PROBES:
         raise InputError(f"unknown probe '{name}': use one of {', '.join(PROBES)}")
+    n = DATASET_SAMPLES if n is None else int(n)
+    if dataset and not 1 <= n <= MAX_DATASET_SAMPLES:
+        raise InputError(f"{n} samples: use between 1 and {MAX_DATASET_SAMPLES}")
     cls = PROBES[name]
+    source = f"{dataset} ×{n}" if dataset else "this prompt"
 
     def job(ctx: JobContext) -> dict:
         ctx.progress(0.05, f"loading {analysis.model_name}")
         model = load_model(analysis.model_name)
-        ctx.progress(0.2, f"running probe {name} (cancel takes effect when it returns)")
+        batch, cap = analysis.batch, analysis.capture
+        if dataset:
+            ctx.progress(0.1, f"loading {n} samples of {dataset}")
+            batch = load_dataset(dataset, model, n=n)
+            cap = None
+            if cls.needs_capture:
+                width = int(batch.lengths.max())
+                mode = "patterns" if width <= ws.limits.patterns else "stats"
+                cap = capture(model, batch, mode=mode, progress=False)
+        ctx.progress(0.2, f"running probe {name} on {source} (cancel takes effect when it returns)")
         try:
-            frame = cls().fit_run(model, analysis.batch, analysis.capture).to_frame()
+            frame = cls().fit_run(model, batch, cap).to_frame()
         except TypeError as err:  # a probe whose constructor needs arguments the app cannot guess
             raise InputError(f"probe '{name}' cannot run with default settings ({err}): "
                              "use 'workbench analyze --probes' with its options") from None
         except WorkbenchError as err:
-            raise InputError(f"probe '{name}' cannot run on this prompt: {err}") from None
+            hint = "" if dataset else "; try computing it on a dataset instead"
+            raise InputError(f"probe '{name}' cannot run on {source}: {err}{hint}") from None
         ctx.check()  # cancelled: the analysis keeps its old table
-        analysis.add_frame(frame)
+        analysis.add_frame(frame, source)
         return {"kind": "probe", "probe": name, "metrics": sorted(frame["metric"].unique().tolist())}
 
     return ws.jobs.submit(f"probe:{name}", job)

@@ -1,0 +1,19 @@
+"""Callbacks, one module per page plus the shared shell and job panels.
+
+Each module has ``register(app, ws)``; :func:`register_all` wires them onto an app made by
+:func:`app.web.factory.create_app` (nothing is registered globally, so several apps can
+live in one process, e.g. in tests).
+"""
+
+from __future__ import annotations
+
+from dash import Dash
+
+from app.web.services.workspace import Workspace
+
+
+def register_all(app: Dash, ws: Workspace) -> None:
+    from app.web.callbacks import atlas, heads, intervene, jobs, pattern, prompt, runs, shell
+
+    for module in (jobs, shell, prompt, heads, pattern, atlas, intervene, runs):
+        module.register(app, ws)

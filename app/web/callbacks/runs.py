@@ -1,0 +1,80 @@
+"""Page 6 callbacks: find and open run folders, show one, compare two."""
+
+from __future__ import annotations
+
+from dash import Dash, Input, Output, State, html, no_update
+
+from app.web import ids
+from app.web.components import table
+from app.web.services import placeholder_figure, safe
+from app.web.services.headmap import default_metric
+from app.web.services.runs import (compare_figure, discover_runs, manifest_lines, open_run, run_figure,
+                                   run_metric_options, top_table)
+from app.web.services.workspace import Workspace
+
+
+def register(app: Dash, ws: Workspace) -> None:
+    @app.callback(
+        Output(ids.RUNS_PICK, "options"), Output(ids.RUNS_COMPARE_PICK, "options"),
+        Input(ids.RUNS_INIT, "data"),
+    )
+    def discover(_):
+        options = discover_runs(ws.runs_dir)
+        return options, options
+
+    @app.callback(Output(ids.RUNS_PATH, "value"), Input(ids.RUNS_PICK, "value"), prevent_initial_call=True)
+    def pick(value):
+        return value or no_update
+
+    @app.callback(Output(ids.RUNS_COMPARE_PATH, "value"), Input(ids.RUNS_COMPARE_PICK, "value"),
+                  prevent_initial_call=True)
+    def pick_other(value):
+        return value or no_update
+
+    @app.callback(
+        Output(ids.RUNS_STATE, "data"), Output(ids.RUNS_MESSAGE, "children"),
+        Input(ids.RUNS_OPEN, "n_clicks"), State(ids.RUNS_PATH, "value"), State(ids.RUNS_COMPARE_PATH, "value"),
+        prevent_initial_call=True,
+    )
+    def open_folders(n_clicks, path, other):
+        if not n_clicks:
+            return no_update, no_update
+        run, error = safe(open_run, path)
+        if error:
+            return None, error
+        if other and other.strip():
+            _, error = safe(open_run, other)
+            if error:
+                return None, error
+        return {"a": str(run.path), "b": other.strip() if other and other.strip() else None}, ""
+
+    @app.callback(
+        Output(ids.RUNS_METRIC, "options"), Output(ids.RUNS_METRIC, "value"), Output(ids.RUNS_MANIFEST, "children"),
+        Output(ids.RUNS_GRAPH, "figure"), Output(ids.RUNS_DELTA, "figure"), Output(ids.RUNS_TABLE, "children"),
+        Output(ids.RUNS_MESSAGE, "children", allow_duplicate=True),
+        Input(ids.RUNS_STATE, "data"), Input(ids.RUNS_METRIC, "value"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def show(state, metric):
+        if not state or not state.get("a"):
+            empty = placeholder_figure("open a run folder", 240)
+            return [], None, None, empty, empty, None, no_update
+        run, error = safe(open_run, state["a"])
+        if run is None:
+            return [], None, None, placeholder_figure(error), placeholder_figure(""), None, error
+        other, other_error = (safe(open_run, state["b"]) if state.get("b") else (None, None))
+        options = run_metric_options(run)
+        metric = default_metric(options, metric)
+        fig, error = safe(run_figure, run, metric)
+        manifest = html.Ul([html.Li(line) for line in manifest_lines(run)])
+        rows, _ = safe(top_table, run, metric)
+        shown = table(rows, {"value": ".4g", "ci_low": ".4g", "ci_high": ".4g"}) if rows is not None else None
+        message = error or other_error or ""
+        if other is not None:
+            delta, delta_error = safe(compare_figure, run, other, metric)
+            if delta is None:
+                delta, message = placeholder_figure(delta_error, 240), delta_error
+        else:
+            delta = placeholder_figure("give a second run folder to compare", 240)
+        return (options, metric, manifest, fig if fig is not None else placeholder_figure(error or ""), delta, shown,
+                message)

@@ -1,0 +1,1 @@
+"""Dash Pages: one module per page, layout only (callbacks live in :mod:`app.web.callbacks`)."""

@@ -1,0 +1,45 @@
+"""Block-level parallelism for the chunked torch path on the CPU.
+
+Many small intra-op parallel regions (one per torch op) stall whenever a core is busy elsewhere:
+each op waits at an OpenMP barrier for its slowest thread. Instead the chunked path runs whole
+query blocks on a thread pool, with torch's intra-op threads set to 1 for the duration of the call
+(torch ops release the GIL, so the workers run concurrently). Results are written to disjoint
+slices, so they do not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+SCRATCH_BUDGET_BYTES = 512 * 2**20
+"""Cap on the per-worker scratch memory (logits tiles and the worker's copy of V_aug)."""
+
+
+def worker_count(device: torch.device, n_tasks: int, scratch_bytes: int) -> int:
+    """Workers for ``n_tasks`` blocks: torch's thread count on the CPU, 1 on other devices."""
+    if device.type != "cpu" or n_tasks <= 1:
+        return 1
+    by_memory = max(1, SCRATCH_BUDGET_BYTES // max(1, scratch_bytes))
+    return max(1, min(torch.get_num_threads(), n_tasks, by_memory))
+
+
+def run_blocks(fn: Callable[[T], None], items: Sequence[T], workers: int) -> None:
+    """Call ``fn(item)`` for every item, on ``workers`` threads when ``workers > 1``."""
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernels") as pool:
+            for _ in pool.map(fn, items):  # re-raises the first worker exception
+                pass
+    finally:
+        torch.set_num_threads(previous)

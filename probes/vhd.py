@@ -1,0 +1,177 @@
+"""VHD, head divergence to a context span (METRICS §5; "Vision-aware Head Divergence", ACL 2025).
+
+At generation step t (query position ``n - 1 + t`` of the prompt plus the tokens ``y_<t``)::
+
+    VHD[l, h] = ‖ z[l, h](y_t | y_<t, context, prompt) − z[l, h](y_t | y_<t, prompt) ‖₂
+
+with ``z`` the per-head attention output before ``W_O`` (TransformerLens ``hook_z``), the second
+branch being the same ids with the context span removed (for a vision-language model: the
+image placeholders dropped and no image). ``T-VHD = Σ_l Σ_{top-k h} VHD[l, h]``.
+
+Text models run through :meth:`HookedModel.run`; LLaVA-style models through the same
+``TransformerBridge`` with ``pixel_values`` (its hooks are scoped by ``bridge.hooks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import pandas as pd
+import torch
+
+from probes.base import Probe, head_table, mean_and_ci
+from probes.vhd_inputs import ContextPrompt, prompts_from_batch
+from workbench.batch import TokenBatch
+from workbench.errors import InputError
+from workbench.model import Hook, HookedModel, _check_finite, hook_name
+
+
+def run_with_hooks(model: HookedModel, batch: TokenBatch, hooks: Sequence[Hook], *,
+                   pixel_values: torch.Tensor | None = None, stop_at_layer: int | None = None) -> torch.Tensor:
+    """Forward ``batch`` (and its images) with ``hooks`` scoped to the call; returns the output."""
+    if pixel_values is None:
+        return model.run(batch, fwd_hooks=hooks, stop_at_layer=stop_at_layer)
+    with model.lock, torch.no_grad(), model.bridge.hooks(fwd_hooks=list(hooks)):
+        out = model.bridge(batch.tokens, attention_mask=batch.mask.long(), pixel_values=pixel_values,
+                           stop_at_layer=stop_at_layer)
+    _check_finite(out)
+    return out
+
+
+def z_at(model: HookedModel, sequences: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], *,
+         layers: Sequence[int], pixel_values: Sequence[torch.Tensor | None] | None = None,
+         hooks: Sequence[Hook] = (), batch_size: int = 8) -> list[torch.Tensor]:
+    """Per-head outputs ``z`` at chosen positions of each sequence.
+
+    Args:
+        sequences: 1-D id tensors.
+        positions: per sequence, the query positions to read.
+        layers: layers to read (the forward stops after the last one).
+        pixel_values: per sequence ``[1, 3, S, S]`` or None (vision-language prompts).
+        hooks: extra hooks active in every forward (e.g. interventions), before the readers.
+    Returns:
+        per sequence ``[len(positions_i), len(layers), H, d]`` fp32.
+    """
+    pixel_values = list(pixel_values) if pixel_values is not None else [None] * len(sequences)
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    stop = max(layers) + 1
+    stop = None if stop >= model.n_layers else stop
+    groups = [[i for i, p in enumerate(pixel_values) if p is None], [i for i, p in enumerate(pixel_values) if p is not None]]
+    for group in groups:
+        for begin in range(0, len(group), batch_size):
+            rows = group[begin:begin + batch_size]
+            batch = model.batch_from_ids([sequences[i] for i in rows])
+            images = None if pixel_values[rows[0]] is None else torch.cat([pixel_values[i] for i in rows])
+            store: dict[int, torch.Tensor] = {}
+
+            def read(z, hook, layer):
+                store[layer] = z.detach().float()
+                return z
+
+            readers = [(hook_name(layer, "z"), _bind(read, layer=layer)) for layer in layers]
+            run_with_hooks(model, batch, list(hooks) + readers, pixel_values=images, stop_at_layer=stop)
+            stacked = torch.stack([store[layer] for layer in layers], dim=2)  # [b, N, L, H, d]
+            for row, i in enumerate(rows):
+                out[i] = stacked[row, torch.as_tensor(list(positions[i]), dtype=torch.long)].cpu()
+    return out  # type: ignore[return-value]
+
+
+def compute_vhd(model: HookedModel, prompts: Sequence[ContextPrompt], *,
+                continuations: Sequence[torch.Tensor] | None = None, layers: Sequence[int] | None = None,
+                hooks: Sequence[Hook] = (), batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """VHD and the no-context output energy ``‖z‖²`` at every step of each prompt.
+
+    Args:
+        prompts: prompts with their context span.
+        continuations: per prompt, the generated/teacher-forced tokens ``y`` (``[T]``); VHD is
+            read at steps ``t = 0..T-1`` (position ``n - 1 + t``). None: step 0 only.
+        layers: layers to read (default all).
+        hooks: hooks active in both branches (e.g. reinforcement of earlier layers).
+    Returns:
+        ``(vhd, energy)``, per prompt ``[T, L, H]`` each (``T = 1`` without continuations).
+    """
+    if not prompts:
+        raise InputError("no prompt given: VHD needs at least one prompt with a context span")
+    layers, _ = model.check_heads(layers, None)
+    if continuations is not None and len(continuations) != len(prompts):
+        raise InputError(f"{len(continuations)} continuations for {len(prompts)} prompts: give one per prompt")
+    sequences, positions, images = [], [], []
+    for index, prompt in enumerate(prompts):
+        y = torch.as_tensor(continuations[index], dtype=torch.long) if continuations is not None else torch.empty(0, dtype=torch.long)
+        steps = max(1, y.numel())
+        for ids, image in ((prompt.ids, prompt.pixel_values), (prompt.without_context(), None)):
+            sequences.append(torch.cat([ids, y[:steps - 1]]))
+            positions.append([ids.numel() - 1 + t for t in range(steps)])
+            images.append(image)
+    z = z_at(model, sequences, positions, layers=layers, pixel_values=images, hooks=hooks, batch_size=batch_size)
+    vhd = [(z[2 * i] - z[2 * i + 1]).norm(dim=-1) for i in range(len(prompts))]
+    energy = [z[2 * i + 1].pow(2).sum(-1) for i in range(len(prompts))]
+    return vhd, energy
+
+
+def t_vhd(vhd: torch.Tensor, k: int) -> torch.Tensor:
+    """Token-level T-VHD ``Σ_l Σ_{top-k h} VHD[l, h]`` of ``vhd [..., L, H]`` -> ``[...]``."""
+    if not 1 <= k <= vhd.shape[-1]:
+        raise InputError(f"top-k={k} must be between 1 and the number of heads ({vhd.shape[-1]})")
+    return vhd.topk(k, dim=-1).values.sum((-1, -2))
+
+
+def default_top_k(n_heads: int) -> int:
+    """The workbench's default k of T-VHD: a quarter of the heads (at least 1)."""
+    return max(1, round(n_heads / 4))
+
+
+class VHD(Probe):
+    """VHD per head at the first generation step (t = 0), mean and 95% interval over prompts.
+
+    Args:
+        metrics: ``["vhd"]`` or None.
+        top_k: k of T-VHD (default: a quarter of the heads, :func:`default_top_k`).
+        batch_size: sequences per forward (each prompt runs two: with and without context).
+
+    Attributes (after ``fit``):
+        per_sample_: ``{"vhd": [S, L, H]}``; energy_: ``[S, L, H]`` no-context ``‖z‖²``.
+        mean_, ci_low_, ci_high_: ``{"vhd": [L, H]}``.
+        tvhd_: ``[S]`` T-VHD at t = 0; top_k_: the k used.
+    """
+
+    name: ClassVar[str] = "vhd"
+    metrics: ClassVar[tuple[str, ...]] = ("vhd",)
+    needs_capture: ClassVar[bool] = False
+
+    def __init__(self, metrics: Sequence[Literal["vhd"]] | None = None, *, top_k: int | None = None,
+                 batch_size: int = 8) -> None:
+        self.metrics_selected = self.check_metrics(metrics)
+        if top_k is not None and top_k < 1:
+            raise InputError(f"top_k={top_k} must be at least 1")
+        if batch_size < 1:
+            raise InputError(f"batch_size={batch_size} must be at least 1")
+        self.top_k, self.batch_size = top_k, batch_size
+
+    def fit(self, model: HookedModel, inputs: TokenBatch | Sequence[ContextPrompt]) -> "VHD":
+        """VHD of each prompt (a batch with ``meta["span"]``, or :class:`ContextPrompt` objects)."""
+        prompts = prompts_from_batch(inputs) if isinstance(inputs, TokenBatch) else list(inputs)
+        vhd, energy = compute_vhd(model, prompts, batch_size=self.batch_size)
+        self.per_sample_ = {"vhd": torch.stack([v[0] for v in vhd])}
+        self.energy_ = torch.stack([e[0] for e in energy])
+        self.top_k_ = self.top_k if self.top_k is not None else default_top_k(model.n_heads)
+        self.tvhd_ = t_vhd(self.per_sample_["vhd"], min(self.top_k_, model.n_heads))
+        mean, low, high = mean_and_ci(self.per_sample_["vhd"])
+        self.mean_, self.ci_low_, self.ci_high_ = {"vhd": mean}, {"vhd": low}, {"vhd": high}
+        self.layers_, self.heads_ = list(range(model.n_layers)), list(range(model.n_heads))
+        return self
+
+    def fit_run(self, model, batch, capture) -> "VHD":
+        return self.fit(model, batch)
+
+    def to_frame(self) -> pd.DataFrame:
+        self._check_fitted("mean_")
+        return head_table(self.name, "vhd", self.layers_, self.heads_, self.mean_["vhd"],
+                          self.ci_low_["vhd"], self.ci_high_["vhd"])
+
+
+def _bind(fn, **kwargs):
+    def hook(tensor, hook):
+        return fn(tensor, hook, **kwargs)
+    return hook
