@@ -27,15 +27,17 @@ def head_heatmap(frame: pd.DataFrame, metric: str, *, probe: str | None = None,
     high = rows.pivot_table(index="layer", columns="head", values="ci_high", aggfunc="mean", dropna=False)
     low, high = low.reindex_like(grid), high.reindex_like(grid)
     layers, heads = grid.index.to_numpy(), grid.columns.to_numpy()
+    interval = np.vectorize(lambda lo, hi: "n/a (one sample)" if not (np.isfinite(lo) and np.isfinite(hi))
+                            else f"[{lo:.4g}, {hi:.4g}]", otypes=[object])(low.to_numpy(), high.to_numpy())
     custom = np.stack([
-        np.repeat(layers[:, None], len(heads), 1), np.repeat(heads[None, :], len(layers), 0),
-        low.to_numpy(), high.to_numpy(),
+        np.repeat(layers[:, None], len(heads), 1).astype(object),
+        np.repeat(heads[None, :], len(layers), 0).astype(object), interval,
     ], axis=-1)
     fig = go.Figure(go.Heatmap(
         z=grid.to_numpy(), x=[str(h) for h in heads], y=[str(layer) for layer in layers],
         customdata=custom, colorscale="Viridis", colorbar=dict(title=metric),
         hovertemplate=(f"layer %{{customdata[0]}} head %{{customdata[1]}}<br>{metric} = %{{z:.4g}}"
-                       "<br>95% CI [%{customdata[2]:.4g}, %{customdata[3]:.4g}]<extra></extra>"),
+                       "<br>95% CI %{customdata[2]}<extra></extra>"),
     ))
     if selected is not None:
         fig.add_shape(type="rect", x0=selected[1] - 0.5, x1=selected[1] + 0.5, y0=selected[0] - 0.5,

@@ -6,10 +6,10 @@ and mixed ``HeSS = λ·HeSS_e1 + (1−λ)·HeSS_e2`` (λ = 0.5).
 
 How it is computed: the plain Hugging Face copy ``model.kernel_model`` is run (differentiable
 SDPA through :func:`workbench.kernel_attention.kernel_forward`, padding masked); a forward hook
-on each layer's query projection keeps its input ``X [B, N, D]`` and replaces its output by a
-``Y + Z`` with ``Z = 0`` a leaf that requires grad; one backward of ``Σ_b e_b`` gives
-``∂e_b/∂Y_b = ∂e_b/∂Z_b`` per sample
-(samples never mix: each ``Y_b`` only feeds sample ``b``), and the per-sample weight gradient
+on each layer's query projection keeps its input ``X [B, N, D]`` and replaces its output ``Y``
+by ``Y + Z`` with ``Z = 0`` a leaf that requires grad; one backward of ``Σ_b e_b`` gives
+``∂e_b/∂Y_b = ∂e_b/∂Z_b`` per sample and layer, all paths kept (samples never mix: the rows
+``Y_b`` only feed sample ``b``), and the per-sample weight gradient
 of head ``h`` is ``X_bᵀ ∂e_b/∂Y_b[..., h·d:(h+1)·d]`` ``[D, d]``. No parameter ever gets a
 ``.grad``; ``requires_grad`` flags are switched off for the forward and restored after it,
 hooks removed, even on error. Intervals: percentile bootstrap over calibration samples of the

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from probes.base import Probe
 from probes.detectors import Detectors
+from probes.hess import HeSS
+from probes.importance import HeadImportance
 from probes.pattern_stats import PatternStats
+from probes.sinks import Sinks
+from probes.vhd import VHD
 from workbench.errors import InputError
 
 PROBES: dict[str, type[Probe]] = {
     PatternStats.name: PatternStats,
     Detectors.name: Detectors,
-    "hess": __import__("probes.hess", fromlist=["HeSS"]).HeSS,
-    "importance": __import__("probes.importance", fromlist=["HeadImportance"]).HeadImportance,
-    "sinks": __import__("probes.sinks", fromlist=["Sinks"]).Sinks,
-    "vhd": __import__("probes.vhd", fromlist=["VHD"]).VHD,
+    HeadImportance.name: HeadImportance,
+    Sinks.name: Sinks,
+    VHD.name: VHD,
+    HeSS.name: HeSS,
 }
 
 

@@ -31,7 +31,7 @@ import torch
 
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
-from workbench.model import HookedModel, hook_name
+from workbench.model import bind_hook, hook_name, HookedModel
 
 
 def massive_ratio(x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +117,8 @@ def scan_residuals(model: HookedModel, batch: TokenBatch, *, tau_dim: float = 20
 
         hooks = []
         for layer in range(n_layers):
-            hooks.append((f"blocks.{layer}.hook_resid_pre", _bind(resid, layer=layer)))
-            hooks.append((hook_name(layer, "v"), _bind(value, layer=layer)))
+            hooks.append((f"blocks.{layer}.hook_resid_pre", bind_hook(resid, layer=layer)))
+            hooks.append((hook_name(layer, "v"), bind_hook(value, layer=layer)))
         model.run(chunk, fwd_hooks=hooks)
         start += len(chunk)
     return ResidualScan(top_ratio, top_dim, rms, value_norm, batch.mask.clone(), d_model)
@@ -143,8 +143,3 @@ def sink_positions(sink_mask: torch.Tensor, mask: torch.Tensor, min_layer_frac: 
     persistent = (sink_mask.sum(1) >= needed) & mask
     return [[int(p) for p in row.nonzero().flatten()] for row in persistent]
 
-
-def _bind(fn, **kwargs):
-    def hook(tensor, hook):
-        return fn(tensor, hook, **kwargs)
-    return hook

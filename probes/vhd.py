@@ -24,7 +24,7 @@ from probes.base import Probe, head_table, mean_and_ci
 from probes.vhd_inputs import ContextPrompt, prompts_from_batch
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
-from workbench.model import Hook, HookedModel, _check_finite, hook_name
+from workbench.model import _check_finite, bind_hook, Hook, hook_name, HookedModel
 
 
 def run_with_hooks(model: HookedModel, batch: TokenBatch, hooks: Sequence[Hook], *,
@@ -69,7 +69,7 @@ def z_at(model: HookedModel, sequences: Sequence[torch.Tensor], positions: Seque
                 store[layer] = z.detach().float()
                 return z
 
-            readers = [(hook_name(layer, "z"), _bind(read, layer=layer)) for layer in layers]
+            readers = [(hook_name(layer, "z"), bind_hook(read, layer=layer)) for layer in layers]
             run_with_hooks(model, batch, list(hooks) + readers, pixel_values=images, stop_at_layer=stop)
             stacked = torch.stack([store[layer] for layer in layers], dim=2)  # [b, N, L, H, d]
             for row, i in enumerate(rows):
@@ -170,8 +170,3 @@ class VHD(Probe):
         return head_table(self.name, "vhd", self.layers_, self.heads_, self.mean_["vhd"],
                           self.ci_low_["vhd"], self.ci_high_["vhd"])
 
-
-def _bind(fn, **kwargs):
-    def hook(tensor, hook):
-        return fn(tensor, hook, **kwargs)
-    return hook

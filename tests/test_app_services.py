@@ -223,6 +223,10 @@ def test_long_inputs_use_stats_mode_thumbnails_and_exact_tiles(ws, analysis, tin
     assert view["kind"] == "tile"
     q0, q1, k0, k1 = region
     np.testing.assert_allclose(np.asarray(fig.data[0].z), full[q0:q1, k0:k1].numpy(), atol=1e-4)
+    row = patterns.row_view(stats, 1, 3, n - 1)
+    start = n - min(n, patterns.ROW_WINDOW)
+    np.testing.assert_allclose(np.asarray(row.data[0].y), full[n - 1, start:].numpy(), atol=1e-4)
+    assert row.data[0].x[0].startswith(f"{start}:") and len(row.layout.xaxis.tickvals) <= patterns.ROW_LABELS
     long_ws.jobs.shutdown()
 
 

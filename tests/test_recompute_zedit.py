@@ -38,10 +38,10 @@ def kernel_logits(model, batch, editors) -> torch.Tensor:
         return model.kernel_model(input_ids=batch.tokens, attention_mask=batch.mask.long()).logits
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_bert"])
 def test_zero_editor_matches_hook_z_ablation(name, request):
     model = request.getfixturevalue(name)
-    batch = model.tokenize(PROMPTS)
+    batch = model.tokenize(PROMPTS)  # two lengths: a padded batch
     hooks = [(hook_name(LAYER, "z"), zero_hook)]
     edited = kernel_logits(model, batch, [ZeroHead(LAYER, HEAD)])
     expected = model.run(batch, fwd_hooks=hooks)
@@ -49,7 +49,39 @@ def test_zero_editor_matches_hook_z_ablation(name, request):
     torch.testing.assert_close(edited[real], expected[real], rtol=1e-4, atol=1e-4)
     plain = kernel_logits(model, batch, [])
     assert (plain[real] - expected[real]).abs().max() > 1e-3  # the ablation does change the logits
-    torch.testing.assert_close(next_token_loss(edited, batch), model.loss(batch, fwd_hooks=hooks), rtol=1e-4, atol=1e-4)
+    if model.causal:
+        torch.testing.assert_close(next_token_loss(edited, batch), model.loss(batch, fwd_hooks=hooks),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_editor_is_differentiable_like_hook_z(name, request):
+    """d loss / d ξ for z[head] <- ξ · z[head] (gradient importance) equals the bridge's."""
+    model = request.getfixturevalue(name)
+    batch = model.tokenize(PROMPTS)
+
+    def scaled(xi):
+        def edit(z, call):
+            if call.layer != LAYER:
+                return z
+            factor = torch.ones(z.shape[2])
+            factor = factor.index_put((torch.tensor([HEAD]),), xi)
+            return z * factor[None, None, :, None]
+        return edit
+
+    xi = torch.ones(1, requires_grad=True)
+    with kernel_forward(batch.mask, z_editors=[scaled(xi)]):
+        logits = model.kernel_model(input_ids=batch.tokens, attention_mask=batch.mask.long()).logits
+    next_token_loss(logits, batch).backward()
+    xi_ref = torch.ones(1, requires_grad=True)
+
+    def hook(z, hook):
+        factor = torch.ones(z.shape[2]).index_put((torch.tensor([HEAD]),), xi_ref)
+        return z * factor[None, None, :, None]
+
+    model.loss(batch, fwd_hooks=[(hook_name(LAYER, "z"), hook)], grad=True).backward()
+    assert xi.grad is not None and xi.grad.abs() > 0
+    torch.testing.assert_close(xi.grad, xi_ref.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_zero_editor_in_cached_greedy_generation(tiny_llama):

@@ -68,6 +68,19 @@ def test_vhd_matches_direct_forwards_and_batching(tiny_llama):
     torch.testing.assert_close(alone[0], vhd[1], atol=1e-5, rtol=1e-4)
 
 
+def test_vhd_per_generation_step(tiny_llama):
+    prompt = context_prompt(tiny_llama, TEXT)
+    y = torch.tensor(tiny_llama.tokenizer(" blue sky", add_special_tokens=False)["input_ids"])
+    assert y.numel() >= 2
+    steps, _ = compute_vhd(tiny_llama, [prompt], continuations=[y])
+    assert steps[0].shape == (y.numel(), tiny_llama.n_layers, tiny_llama.n_heads)
+    first, _ = compute_vhd(tiny_llama, [prompt])
+    torch.testing.assert_close(steps[0][0], first[0][0], atol=1e-5, rtol=1e-4)
+    last = ContextPrompt(torch.cat([prompt.ids, y[:-1]]), prompt.span)   # step T-1 sees y_<T-1
+    torch.testing.assert_close(steps[0][-1], _direct_vhd(tiny_llama, last), atol=1e-5, rtol=1e-4)
+    assert t_vhd(steps[0], 2).shape == (y.numel(),)
+
+
 def test_identical_branches_give_zero_vhd(tiny_llama):
     @dataclass(frozen=True)
     class NoRemoval(ContextPrompt):
@@ -202,6 +215,6 @@ def test_smollm2_context_qa(smollm2):
     prompt = prompts_from_batch(batch)[0]
     vhr = VHR().fit(smollm2, prompt)
     assert vhr.selection_.n_selected > 0 and vhr.selection_.layers == paper_layers(30)
-    text = vhr.generate(smollm2, max_new_tokens=3)
+    text = vhr.generate(smollm2, max_new_tokens=2)
     assert len(vhr.steps_) >= 1 and set(vhr.steps_) == {vhr.selection_.interventions.text}
-    assert text == generate(smollm2, batch.meta[0]["prompt"], vhr.selection_.interventions, max_new_tokens=3)
+    assert text == generate(smollm2, batch.meta[0]["prompt"], vhr.selection_.interventions, max_new_tokens=2)

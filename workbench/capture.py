@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from workbench.atomic import atomic_dir
 from workbench.batch import TokenBatch
 from workbench.errors import InputError, WorkbenchError
-from workbench.model import Hook, HookedModel, hook_name
+from workbench.model import bind_hook, Hook, hook_name, HookedModel
 from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES, detector_rows, received_mass, row_statistics
 
 CaptureMode = Literal["patterns", "stats"]
@@ -217,7 +217,7 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
             return pattern
 
         hooks = list(fwd_hooks) + [
-            (hook_name(layer, "pattern"), _bind(record, li=li, layer=layer)) for li, layer in enumerate(layers)
+            (hook_name(layer, "pattern"), bind_hook(record, li=li, layer=layer)) for li, layer in enumerate(layers)
         ]
         model.run(chunk, fwd_hooks=hooks)
         start += len(chunk)
@@ -231,9 +231,3 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
         info={"local_window": local_window},
     )
 
-
-def _bind(fn, **kwargs):
-    """A hook closure with fixed keyword arguments (TransformerLens calls ``fn(tensor, hook=...)``)."""
-    def hook(tensor, hook):
-        return fn(tensor, hook, **kwargs)
-    return hook

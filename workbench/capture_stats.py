@@ -109,6 +109,8 @@ class StatsRecorder:
 
     def _selected(self, call: AttentionCall, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 ``q [b, H_sel, N, d]``, ``k`` per selected head ``[b, H_sel, N, d]``, ``lse [b, H_sel, N]``."""
+        if self.all_heads:  # no copy of q / lse when every head is selected
+            return call.query.float(), call.key[:, self.kv_of_head].float(), result.lse.float()
         q = call.query[:, self.heads].float()
         k = call.key[:, self.kv_of_head].float()
         return q, k, result.lse[:, self.heads].float()

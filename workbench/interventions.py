@@ -20,7 +20,7 @@ from ``v`` and probabilities recomputed as ``exp(scale q·k - LSE)`` on the need
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +29,7 @@ import torch
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
 from workbench.kernel_attention import AttentionCall, ZEditor, kernel_forward
-from workbench.model import Hook, HookedModel, hook_name
+from workbench.model import bind_hook, Hook, hook_name, HookedModel
 
 InterventionKind = Literal["zero", "mean", "resample", "scale", "softpag", "redistribute"]
 KINDS: tuple[str, ...] = ("zero", "mean", "resample", "scale", "softpag", "redistribute")
@@ -268,7 +268,7 @@ class InterventionSet:
             def keep(z, hook, layer):
                 store[layer] = z.detach().float().cpu()
                 return z
-            hooks = [(hook_name(layer, "z"), _bind(keep, layer=layer)) for layer in layers]
+            hooks = [(hook_name(layer, "z"), bind_hook(keep, layer=layer)) for layer in layers]
             model.run(ref, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
         else:
             def record(z, call):
@@ -290,9 +290,9 @@ class InterventionSet:
             pattern_items = [i for i in self.items if i.layer == layer and i.kind in PATTERN_KINDS]
             output_items = [i for i in self.items if i.layer == layer and i.kind not in PATTERN_KINDS]
             if pattern_items:
-                hooks.append((hook_name(layer, "pattern"), _bind(_pattern_hook, items=pattern_items)))
+                hooks.append((hook_name(layer, "pattern"), bind_hook(_pattern_hook, items=pattern_items)))
             if output_items:
-                hooks.append((hook_name(layer, "z"), _bind(_z_hook, items=output_items, refs=refs)))
+                hooks.append((hook_name(layer, "z"), bind_hook(_z_hook, items=output_items, refs=refs)))
         return hooks
 
     # ------------------------------------------------------------ stats mode
@@ -326,11 +326,6 @@ class InterventionSet:
             return z
         return [edit]
 
-
-def _bind(fn: Callable, **kwargs) -> Callable:
-    def hook(tensor, hook):
-        return fn(tensor, hook, **kwargs)
-    return hook
 
 
 def _pattern_hook(pattern: torch.Tensor, hook, *, items: list[HeadIntervention]) -> torch.Tensor:

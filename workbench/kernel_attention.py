@@ -7,8 +7,8 @@ the bridge) whose attention goes through ``transformers.AttentionInterface`` und
 :func:`kernel_forward` (a ``ContextVar``, so concurrent threads never see each other's):
 
 - ``key_padding_mask [B, Nk]``: real tokens (transformers passes no mask to custom functions);
-- ``attention``: the kernel to run (default :func:`kernels.attention_with_stats`; HeSS passes
-  a block-sparse one);
+- ``attention``: the kernel to run (default: :func:`kernels.attention_with_stats` when a recorder
+  is set, else exact PyTorch SDPA, which is faster and differentiable; HeSS passes a block-sparse one);
 - ``recorders``: callbacks ``(call, result)`` that keep statistics / Q / K / LSE (stats capture);
 - ``z_editors``: callbacks ``(z, call) -> z`` that edit per-head outputs ``z [B, Nq, Hq, d]``
   before the output projection (interventions in stats mode).
@@ -101,16 +101,17 @@ def _kernel_attention(module, query, key, value, attention_mask, scaling=None, d
     if state is not None and state.key_padding_mask is not None:
         mask = _extend_mask(state.key_padding_mask, key.shape[2]).to(query.device)
     call = AttentionCall(int(getattr(module, "layer_idx", -1)), query, key, value, mask, causal, scale)
-    if state is None:
-        return _sdpa(call).transpose(1, 2).contiguous(), None
-    attention = state.attention
-    if attention is None:
-        from kernels import attention_with_stats as attention
-    result = attention(query, key, value, causal=causal, key_padding_mask=mask, scale=scale)
-    for record in state.recorders:
-        record(call, result)
-    z = result.out.transpose(1, 2)  # [B, Nq, Hq, d], the TransformerLens hook_z layout
-    for edit in state.z_editors:
+    if state is None or (state.attention is None and not state.recorders):
+        z = _sdpa(call).transpose(1, 2)  # nothing needs statistics: exact, fast, differentiable
+    else:
+        attention = state.attention
+        if attention is None:
+            from kernels import attention_with_stats as attention
+        result = attention(query, key, value, causal=causal, key_padding_mask=mask, scale=scale)
+        for record in state.recorders:
+            record(call, result)
+        z = result.out.transpose(1, 2)  # [B, Nq, Hq, d], the TransformerLens hook_z layout
+    for edit in (state.z_editors if state is not None else ()):
         z = edit(z, call)
     return z.contiguous(), None
 
@@ -124,19 +125,35 @@ def _extend_mask(mask: torch.Tensor, n_keys: int) -> torch.Tensor:
 
 
 def _sdpa(call: AttentionCall) -> torch.Tensor:
-    """Exact attention with PyTorch SDPA, GQA by repeating K/V. Returns ``[B, Hq, Nq, d]``."""
-    groups = call.query.shape[1] // call.key.shape[1]
-    key = call.key.repeat_interleave(groups, dim=1)
-    value = call.value.repeat_interleave(groups, dim=1)
-    n_q, n_k = call.query.shape[2], key.shape[2]
-    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=key.device)
-    if call.causal:
-        allowed = allowed.tril(n_k - n_q)
-    allowed = allowed[None, None]
-    if call.key_padding_mask is not None:
-        allowed = allowed & call.key_padding_mask[:, None, None, :]
-    return torch.nn.functional.scaled_dot_product_attention(
-        call.query, key, value, attn_mask=allowed, scale=call.scale)
+    """Exact attention with PyTorch SDPA (GQA without copies). Returns ``[B, Hq, Nq, d]``.
+
+    No ``[Nq, Nk]`` mask is built for the common cases: no padding, causal right-padded batches
+    (real rows never see the padding that follows them; padded rows' outputs are don't-care) and
+    bidirectional key padding (a ``[B, 1, 1, Nk]`` mask). Other layouts (left padding, cached
+    steps with padding) get the full visibility mask; rows that see no key output 0, as in the kernels.
+    """
+    q, k, v = call.query, call.key, call.value
+    n_q, n_k = q.shape[2], k.shape[2]
+    mask = call.key_padding_mask
+    if mask is not None and bool(mask.all()):
+        mask = None
+    kwargs = dict(scale=call.scale, enable_gqa=q.shape[1] != k.shape[1])
+    if not call.causal:
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+    if n_q == n_k and (mask is None or _is_right_padded(mask)):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=k.device).tril(n_k - n_q)[None, None]
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, :]
+    dead = ~allowed.any(-1, keepdim=True)  # [B, 1, Nq, 1]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed | dead, **kwargs)
+    return out.masked_fill(dead, 0.0)
+
+
+def _is_right_padded(mask: torch.Tensor) -> bool:
+    """True when every row of a ``[B, N]`` bool mask is a prefix of True values."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def register_kernel_attention() -> None:

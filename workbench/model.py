@@ -19,6 +19,13 @@ _LOADED: dict[tuple[str, str, str], "HookedModel"] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+def bind_hook(fn: Callable, **kwargs) -> Callable:
+    """A TransformerLens hook ``(tensor, hook)`` calling ``fn(tensor, hook, **kwargs)``."""
+    def hook(tensor, hook):
+        return fn(tensor, hook, **kwargs)
+    return hook
+
+
 def hook_name(layer: int, site: str) -> str:
     """TransformerLens hook name of an attention site (``pattern``, ``z``, ``q``, ``k``, ``v``)."""
     return f"blocks.{layer}.attn.hook_{site}"

@@ -16,6 +16,7 @@ key head ``h // kv_group`` and ``info["scale"]`` holds the softmax scale of each
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -91,21 +92,47 @@ def detector_rows_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, g
     keys[:, 1, :, :-1] = k.index_select(1, (order + 1).clamp(max=n - 1))
     index = torch.arange(m, device=dev)
     acc = torch.zeros(H, 2, m, device=dev)
-    for a0 in range(0, m, _ROWS):
+    first_key = start.tolist()
+
+    def block(a0: int) -> None:  # rows a0 : a0 + _ROWS, written to their own slice of acc
         a1 = min(m, a0 + _ROWS)
         rows = slice(a0, a1)
         step = max(1, _ELEMENTS // (2 * H * (a1 - a0)))
-        for c0 in range(int(start[a0]), a1, step):
+        for c0 in range(first_key[a0], a1, step):
             c1 = min(a1, c0 + step)
             other = (start[c0:c1][None, :] != start[rows][:, None]) | (index[c0:c1][None, :] >= index[rows][:, None])
             logits = torch.matmul(qs[:, None, rows], keys[:, :, c0:c1].transpose(-1, -2))  # [H, 2, r, w]
             # floor at -80 instead of -inf: torch's vectorised exp is ~15x slower below about -88,
             # and exp(-80) = 1.8e-35 per non-target key is far below fp32 resolution of any mass
             acc[:, :, rows] += logits.clamp_min_(_EXP_FLOOR).masked_fill_(other, _EXP_FLOOR).exp_().sum(-1)
+
+    _run_blocks(block, range(0, m, _ROWS), dev)
     has_target = index > start
     where = order[has_target]
     dup[:, where], ind[:, where] = acc[:, 0, has_target], acc[:, 1, has_target]
     return {"duplicate_mass": dup, "induction_mass": ind}
+
+
+def _run_blocks(fn, items, device: torch.device) -> None:
+    """Call ``fn`` on every item; on the CPU on a thread pool with torch's intra-op threads at 1.
+
+    The blocks are small: one parallel region per torch op would stall at OpenMP barriers
+    whenever a core is busy elsewhere (seen here: 25x slower on a loaded 2-core machine).
+    """
+    items = list(items)
+    workers = min(torch.get_num_threads(), len(items)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="detector-rows") as pool:
+            for _ in pool.map(fn, items):  # re-raises the first worker error
+                pass
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------- tiles and thumbnails

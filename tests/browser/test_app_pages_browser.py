@@ -62,9 +62,9 @@ def test_atlas_page(dash_duo, make_app, ui):
     assert "PCA (scikit-learn)" in ui.text("#atlas-graph")
     ui.settle()
     assert dash_duo.get_logs() == []
-    point = dash_duo.find_elements("#atlas-graph .scatterlayer .point")[0]
-    box = dash_duo.driver.execute_script("const r = arguments[0].getBoundingClientRect();"
-                                         "return [r.left + r.width / 2, r.top + r.height / 2];", point)
+    box = dash_duo.driver.execute_script(  # one script: no stale element if the graph re-renders
+        "const r = document.querySelector('#atlas-graph .scatterlayer .point').getBoundingClientRect();"
+        "return [r.left + r.width / 2, r.top + r.height / 2];")
     ActionChains(dash_duo.driver).move_to_location(int(box[0]), int(box[1])).pause(0.3).click().perform()
     ui.wait_until(lambda: dash_duo.driver.current_url.endswith("/pattern"), 20, "the jump to the pattern viewer")
     dash_duo.wait_for_element("#pattern-graph .heatmaplayer", timeout=20)

@@ -113,6 +113,7 @@ def test_screenshots(dash_duo, make_app, ui, tmp_path, smollm2):
 def set_textarea(dash_duo, selector: str, text: str) -> None:
     """Put a long text into a React-controlled textarea at once (typing it would take minutes)."""
     box = dash_duo.find_element(selector)
+    box.send_keys(text[:20])  # focus and start typing like a user, then paste the rest
     dash_duo.driver.execute_script(
         "const setter = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;"
         "setter.call(arguments[0], arguments[1]);"
@@ -136,7 +137,7 @@ def test_screenshots_long_input(dash_duo, make_app, ui, smollm2):
     assert not app.workspace.analyses._items and "tokens," not in ui.text("#prompt-summary")
 
     dash_duo.find_element("#prompt-run").click()
-    ui.wait_until(lambda: "layer 3/" in ui.text("#prompt-job-status"), 300, "per-layer progress")
+    ui.wait_until(lambda: "layer" in ui.text("#prompt-job-status"), 300, "per-layer progress")
     shoot(dash_duo, "job-progress", 760)
     ui.wait_until(lambda: "stats mode" in ui.text("#prompt-summary"), 900, "the stats-mode analysis")
 

@@ -20,7 +20,7 @@ from workbench.batch import TokenBatch
 from workbench.capture import Capture, capture
 from workbench.data import list_datasets, load_dataset
 from workbench.errors import InputError, WorkbenchError
-from workbench.model import HookedModel, hook_name, load_model
+from workbench.model import bind_hook, hook_name, HookedModel, load_model
 from workbench.registry import REGISTRY
 
 Mode = Literal["patterns", "stats"]
@@ -205,7 +205,7 @@ class LayerCheckpoints:
         def hook(pattern, hook, layer):
             self._reached(layer)
             return pattern
-        return [(hook_name(layer, "pattern"), _bind(hook, layer=layer)) for layer in range(self.model.n_layers)]
+        return [(hook_name(layer, "pattern"), bind_hook(hook, layer=layer)) for layer in range(self.model.n_layers)]
 
     # the two methods capture_stats calls on its ``interventions`` argument
     def validate(self, model: HookedModel, batch: TokenBatch | None = None) -> None:
@@ -217,11 +217,6 @@ class LayerCheckpoints:
             return z
         return [edit]
 
-
-def _bind(fn, **kwargs):
-    def hook(tensor, hook):
-        return fn(tensor, hook, **kwargs)
-    return hook
 
 
 def capture_with_checkpoints(model: HookedModel, batch: TokenBatch, mode: Mode, ctx: JobContext,
