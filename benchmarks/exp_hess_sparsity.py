@@ -128,7 +128,7 @@ def allocation_snapshot(weights: dict[str, np.ndarray], layers: list[int], spars
 def write_figures(frame: pd.DataFrame, table: pd.DataFrame, out: Path, args) -> None:
     for metric in ("hess", "hess_e1", "hess_e2"):
         head_heatmap(frame, metric, title=f"{metric} ({args.model})").write_html(
-            out / f"heatmap_{metric}.html", include_plotlyjs="cdn")
+            out / f"heatmap_{metric}.html", include_plotlyjs=True)
     dense = table[table["allocation"] == "dense"].iloc[0]
     sparse = table[table["allocation"] != "dense"]
     for column, label in (("heldout_loss", "held-out loss"), ("copy_accuracy", "copy accuracy")):
@@ -136,7 +136,7 @@ def write_figures(frame: pd.DataFrame, table: pd.DataFrame, out: Path, args) -> 
                   for kind, part in sparse.groupby("allocation", sort=False)}
         curves(series, title=f"{label} vs block sparsity (B={args.block_size}, N={args.seq_len})",
                x_title="fraction of key blocks dropped (nominal)", y_title=label).write_html(
-            out / f"curve_{column}.html", include_plotlyjs="cdn")
+            out / f"curve_{column}.html", include_plotlyjs=True)
 
 
 def table_from_frame(frame: pd.DataFrame, metric: str) -> np.ndarray:

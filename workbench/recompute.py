@@ -16,7 +16,6 @@ key head ``h // kv_group`` and ``info["scale"]`` holds the softmax scale of each
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -94,7 +93,7 @@ def detector_rows_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, g
     acc = torch.zeros(H, 2, m, device=dev)
     first_key = start.tolist()
 
-    def block(a0: int) -> None:  # rows a0 : a0 + _ROWS, written to their own slice of acc
+    def block(a0: int) -> None:  # rows a0 : a0 + _ROWS
         a1 = min(m, a0 + _ROWS)
         rows = slice(a0, a1)
         step = max(1, _ELEMENTS // (2 * H * (a1 - a0)))
@@ -114,23 +113,18 @@ def detector_rows_from_qk(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, g
 
 
 def _run_blocks(fn, items, device: torch.device) -> None:
-    """Call ``fn`` on every item; on the CPU on a thread pool with torch's intra-op threads at 1.
+    """Call ``fn`` on every item with torch's intra-op threads at 1 on the CPU.
 
-    The blocks are small: one parallel region per torch op would stall at OpenMP barriers
-    whenever a core is busy elsewhere (seen here: 25x slower on a loaded 2-core machine).
+    The blocks are small: one parallel region per torch op stalls at OpenMP barriers whenever a
+    core is busy elsewhere (measured here: 25x slower on a loaded 2-core machine), and a thread
+    pool over blocks was no faster (the ops are too short to leave the GIL for long).
     """
-    items = list(items)
-    workers = min(torch.get_num_threads(), len(items)) if device.type == "cpu" else 1
-    if workers <= 1:
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
         for item in items:
             fn(item)
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="detector-rows") as pool:
-            for _ in pool.map(fn, items):  # re-raises the first worker error
-                pass
     finally:
         torch.set_num_threads(previous)
 
