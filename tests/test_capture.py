@@ -75,3 +75,18 @@ def test_patterns_not_kept_by_default(tiny_llama):
     assert cap.patterns is None
     with pytest.raises(Exception, match="kept neither patterns"):
         cap.pattern(0, 0)
+
+
+@pytest.mark.parametrize("mode", ["patterns", "stats"])
+def test_capture_under_interventions_in_both_modes(tiny_llama, mode):
+    from workbench.interventions import parse_interventions
+
+    spec = parse_interventions("L0H1:zero")
+    plain = capture(tiny_llama, PROMPTS, mode=mode, progress=False)
+    edited = capture(tiny_llama, PROMPTS, mode=mode, interventions=spec, progress=False)
+    other = capture(tiny_llama, PROMPTS, mode="patterns" if mode == "stats" else "stats",
+                    interventions=spec, progress=False)
+    # layer 0 is upstream of nothing edited before it; layer 1 sees the ablated head's absence
+    torch.testing.assert_close(edited.row_stats["entropy"][:, 0], plain.row_stats["entropy"][:, 0])
+    assert not torch.allclose(edited.row_stats["entropy"][:, 1], plain.row_stats["entropy"][:, 1])
+    torch.testing.assert_close(edited.row_stats["entropy"], other.row_stats["entropy"], atol=1e-5, rtol=1e-5)

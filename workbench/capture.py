@@ -167,7 +167,7 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
             mode: CaptureMode = "patterns", keep_patterns: bool = False, keep_qk: bool = False,
             batch_size: int = 8, local_window: int = 8, fwd_hooks: Sequence[Hook] = (),
-            progress: bool = True, max_tokens: int | None = None) -> Capture:
+            interventions=None, progress: bool = True, max_tokens: int | None = None) -> Capture:
     """Run ``inputs`` through ``model`` once and record per-head attention facts.
 
     Args:
@@ -180,7 +180,9 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
         keep_qk: keep Q/K/LSE for exact tiles later (stats mode).
         batch_size: samples per forward.
         local_window: ``w`` of the local-mass statistic.
-        fwd_hooks: extra hooks (e.g. interventions) active during the capture.
+        fwd_hooks: extra TransformerLens hooks active during the capture (patterns mode only).
+        interventions: a :class:`workbench.interventions.InterventionSet` active during the
+            capture, in either mode (bridge hooks in patterns mode, z editors in stats mode).
         progress: show a tqdm bar over batches.
     """
     if mode not in ("patterns", "stats"):
@@ -192,7 +194,9 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
 
         return capture_stats(model, batch, layers=layers, heads=heads, keep_qk=keep_qk,
                              batch_size=batch_size, local_window=local_window,
-                             fwd_hooks=fwd_hooks, progress=progress)
+                             fwd_hooks=fwd_hooks, progress=progress, interventions=interventions)
+    if interventions is not None:
+        interventions.validate(model, batch)
     B, N = batch.tokens.shape
     L, H = len(layers), len(heads)
     row_stats = {name: torch.zeros(B, L, H, N) for name in STAT_NAMES + DETECTOR_ROWS}
@@ -216,7 +220,8 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
                 patterns[layer][rows, :, :width, :width] = A * chunk.mask[:, None, :, None]
             return pattern
 
-        hooks = list(fwd_hooks) + [
+        edits = interventions.hooks(model, chunk) if interventions is not None else []
+        hooks = list(fwd_hooks) + edits + [
             (hook_name(layer, "pattern"), bind_hook(record, li=li, layer=layer)) for li, layer in enumerate(layers)
         ]
         model.run(chunk, fwd_hooks=hooks)
