@@ -19,7 +19,6 @@ normalised score (ratio of mean Fisher traces), see ``docs/hess.md``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import SimpleNamespace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from probes.base import Probe, concat_frames, head_table
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
-from workbench.kernel_attention import kernel_forward
+from workbench.kernel_attention import exact_attention, kernel_forward
 from workbench.model import HookedModel
 
 ErrorFn = Callable[[torch.Tensor, TokenBatch], torch.Tensor]
@@ -111,18 +110,6 @@ def query_sites(hf_model, n_heads: int, d_head: int) -> list[tuple[torch.nn.Modu
     return sites
 
 
-def _dense_attention(query, key, value, *, causal, key_padding_mask, scale):
-    """Differentiable exact attention (SDPA, GQA by repeat) in the kernel-call signature."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    n_q, n_k = query.shape[2], key.shape[2]
-    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device)
-    allowed = (allowed.tril(n_k - n_q) if causal else allowed)[None, None]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
-    return SimpleNamespace(out=out)
-
 
 def query_fisher(model: HookedModel, batch: TokenBatch, error: ErrorFn, *, batch_size: int = 4) -> torch.Tensor:
     """Per-sample ``‖∂e/∂W_Q^h‖_F²`` for every layer and query head. Returns ``[S, L, Hq]`` float64.
@@ -174,7 +161,7 @@ def _leaf_hook(index: int, store: dict):
 def _chunk_fisher(model, hf, chunk: TokenBatch, error: ErrorFn, sites, store) -> torch.Tensor:
     device = next(hf.parameters()).device
     tokens, mask = chunk.tokens.to(device), chunk.mask.to(device)
-    with torch.enable_grad(), kernel_forward(mask, attention=_dense_attention):
+    with torch.enable_grad(), kernel_forward(mask, attention=exact_attention):
         logits = hf(input_ids=tokens, attention_mask=mask.long()).logits
         errors = error(logits, chunk)
         if errors.shape != (len(chunk),) or not torch.isfinite(errors).all():

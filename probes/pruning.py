@@ -10,7 +10,6 @@ levels, at once; copies are chunked to a token budget.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -21,34 +20,13 @@ import torch
 from probes.figures import curves
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
-from workbench.kernel_attention import AttentionCall, kernel_forward
+from workbench.kernel_attention import AttentionCall, exact_attention, kernel_forward
 from workbench.model import HookedModel, _check_finite
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """``logits [c, B, N, V] -> [c, B]`` per-sample metric of each copy."""
 PruneOrder = Literal["importance", "random"]
 
-
-@dataclass
-class _Out:
-    """What ``kernel_forward`` reads from an attention result (only ``out [B, Hq, Nq, d]``)."""
-
-    out: torch.Tensor
-
-
-def exact_attention(q, k, v, *, causal, key_padding_mask, scale):
-    """Exact SDPA attention (GQA by repeating K/V), differentiable, no statistics."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    n_q, n_k = q.shape[2], k.shape[2]
-    allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril(n_k - n_q)
-    allowed = allowed[None, None]
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    return _Out(torch.nan_to_num(out))
 
 
 def kernel_logits(model: HookedModel, batch: TokenBatch, editors: Sequence = (), *, grad: bool = False) -> torch.Tensor:

@@ -151,6 +151,19 @@ def _sdpa(call: AttentionCall) -> torch.Tensor:
     return out.masked_fill(dead, 0.0)
 
 
+@dataclass
+class ExactAttention:
+    """Result of :func:`exact_attention`: only the output ``out [B, Hq, Nq, d]`` (no statistics)."""
+
+    out: torch.Tensor
+
+
+def exact_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
+                    key_padding_mask: torch.Tensor | None, scale: float) -> ExactAttention:
+    """Exact, differentiable attention in the kernels' call signature (for ``kernel_forward(attention=)``)."""
+    return ExactAttention(_sdpa(AttentionCall(-1, query, key, value, key_padding_mask, causal, scale)))
+
+
 def _is_right_padded(mask: torch.Tensor) -> bool:
     """True when every row of a ``[B, N]`` bool mask is a prefix of True values."""
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
