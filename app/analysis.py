@@ -73,8 +73,8 @@ def run_analysis(req: AnalysisRequest) -> AnalysisResult:
     cap = None
     if any(p.needs_capture for p in probes.values()):
         start = time.perf_counter()
-        cap = capture(model, batch, layers=layers, heads=heads, mode=req.mode,
-                      batch_size=req.batch_size, progress=req.progress)
+        cap = capture(model, batch, layers=layers, heads=heads, mode=req.mode, batch_size=req.batch_size,
+                      progress=req.progress, detectors="detectors" in probes)
         timings["capture_s"] = time.perf_counter() - start
     for name, probe in probes.items():
         start = time.perf_counter()

@@ -7,8 +7,10 @@ configuration's peak never hides another's):
 - ``sdpa_body``: the same forward without the LM head (the part stats capture runs);
 - ``bridge``: ``TransformerBridge.run_with_cache`` keeping every ``hook_pattern`` (skipped when the
   projected pattern memory exceeds the free RAM, or above ``--skip-bridge-above``);
-- ``stats``: ``capture(model, batch, mode="stats")``: every METRICS §1 statistic, received mass and
-  detector rows for all heads, no ``[q, k]`` map.
+- ``stats``: ``capture(model, batch, mode="stats", detectors=False)``: every METRICS §1 statistic
+  (the nine row statistics and the received mass, raw and normalised) for all heads, no ``[q, k]`` map;
+- ``stats_detectors``: the same plus the METRICS §2 detector rows (induction / duplicate mass,
+  an exact gather at their target pairs): the default ``capture(..., mode="stats")``.
 
 Each child reports wall time and CPU time (``time.process_time``). On a shared machine the wall
 time depends on the other processes; with ``--threads 1`` the CPU time is what the run would take
@@ -39,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: import the checkout's packages
     sys.path.insert(0, str(REPO))
 
-CONFIGS = ("sdpa", "sdpa_body", "bridge", "stats")
+CONFIGS = ("sdpa", "sdpa_body", "bridge", "stats", "stats_detectors")
+STATS_CONFIGS = ("stats", "stats_detectors")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -99,15 +102,17 @@ def run_child(config: str, model_name: str, length: int, repeats: int = 1, threa
         def work(t):
             with torch.no_grad():
                 return model.bridge.run_with_cache(t, names_filter=lambda name: name.endswith("hook_pattern"))
-    elif config == "stats":
+    elif config in STATS_CONFIGS:
         from workbench.capture import capture
         from workbench.model import load_model
 
         model = load_model(model_name)
         model.kernel_model  # noqa: B018 - load it before timing
+        detectors = config == "stats_detectors"
 
         def work(t):
-            return capture(model, TokenBatch(t, torch.ones_like(t, dtype=torch.bool)), mode="stats", progress=False)
+            return capture(model, TokenBatch(t, torch.ones_like(t, dtype=torch.bool)), mode="stats",
+                           progress=False, detectors=detectors)
     else:
         raise SystemExit(f"unknown configuration {config!r}: use one of {CONFIGS}")
     work(tokens[:, :64])  # warm-up (lazy imports, allocator)
@@ -168,18 +173,18 @@ def print_table(results: list[dict], lengths: list[int], configs: list[str]) -> 
     head = ["tokens"]
     for c in configs:
         head += [f"{c} wall s", f"{c} CPU s", f"{c} peak GB"]
-    refs = [c for c in ("sdpa", "sdpa_body") if c in configs and "stats" in configs]
-    for ref in refs:
-        head += [f"stats/{ref} wall", f"stats/{ref} CPU"]
+    refs = [c for c in ("sdpa", "sdpa_body") if c in configs]
+    pairs = [(st, ref) for st in STATS_CONFIGS if st in configs for ref in refs]
+    for st, ref in pairs:
+        head += [f"{st}/{ref} wall", f"{st}/{ref} CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in lengths:
         row = [str(n)]
         for c in configs:
             r = by.get((c, n))
             row += [_cell(r, "wall_s", ".1f"), _cell(r, "cpu_s", ".1f"), _cell(r, "peak_gb", ".2f")]
-        stats = by.get(("stats", n))
-        for ref in refs:
-            base = by.get((ref, n))
+        for st, ref in pairs:
+            stats, base = by.get((st, n)), by.get((ref, n))
             ok = stats and base and "skipped" not in stats and "skipped" not in base
             row += [f"{stats[k] / base[k]:.2f}x" if ok else "-" for k in ("wall_s", "cpu_s")]
         lines.append("| " + " | ".join(row) + " |")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from . import masks
 from .parallel import run_blocks, worker_count
@@ -38,6 +37,7 @@ from .validation import (
     check_qkv,
     resolve_scale,
 )
+from .window_stats import WindowMasses
 
 NEG = -1.0e30
 """Finite 'minus infinity' for masked logits: exp underflows to 0 and 0 * NEG stays 0 (no NaN)."""
@@ -49,7 +49,6 @@ leaves its fast path (about 50x slower) below about -88; ``exp(-80) = 1.8e-35`` 
 row sum >= 1."""
 
 _TILE_ELEMENTS = 1_200_000  # logits per tile; ~5 MB fp32 keeps a tile near the L2 cache
-_WINDOW_ELEMENTS = 4_000_000  # cap on the logits of one band matmul (window statistics)
 
 
 def default_blocks(dims: AttnDims, block_q: int | None, block_k: int | None) -> tuple[int, int]:
@@ -117,9 +116,7 @@ class _Forward:
         self._base_vaug_taken = False
         self._lock = threading.Lock()
         self.kmax = torch.linalg.vector_norm(self.kf, dim=-1).amax()  # for the exp-underflow bound
-        self.wl = min(max(local_window, 1), Nk)  # window reaches back at least to the previous token
-        self.wr = 0 if causal else min(local_window, Nk)
-        self.kpad = F.pad(self.kf, (0, 0, self.wl, self.wr))
+        self.window = WindowMasses(self.kf, dims, causal, mask, keep, block_size, local_window)
         if keep is not None:
             self.counts = masks.sparse_visible_counts(dims, causal, mask, keep, block_size)
         else:
@@ -237,7 +234,7 @@ class _Forward:
         dist = rel - acc[..., self.col_j] * inv
         if not self.causal:
             dist = dist + 2.0 * acc[..., self.col_c] * inv
-        local, self_m, prev, first1, first4 = self._recomputed(qb, torch.where(dead, float("inf"), lse), i0, i1)
+        local, self_m, prev, first1, first4 = self.window(qb, torch.where(dead, float("inf"), lse), i0, i1)
         ent = logl - acc[..., self.col_e] * inv
         per_row = {
             "entropy": ent,
@@ -262,76 +259,6 @@ class _Forward:
             values[name] = torch.where(dead, zero, val).view(shape5)
         for idx, name in enumerate(STAT_NAMES):
             self.stats[(idx,) + sl] = values[name]
-
-    # ---- statistics recomputed from the final LSE --------------------------------------------
-    def _keep_at(self, i0: int, i1: int, cols: torch.Tensor) -> torch.Tensor:
-        """keep ``[B, Hq, n, ...]`` for rows ``i0:i1`` and key indices ``cols [n, m]`` (clamped)."""
-        qb = (torch.arange(i0, i1, device=cols.device) // self.bs)[:, None]
-        return self.keep[:, :, qb, cols // self.bs]
-
-    def _band_logits(self, qb: torch.Tensor, lse: torch.Tensor, p0: int, n: int) -> torch.Tensor:
-        """``q_i·k_j - lse_i`` for the window keys ``j = p_i - wl + u``, ``[B*Hkv, G, n, nw]``.
-
-        One matmul per row chunk against the contiguous key band; the window entries are the
-        band's shifted diagonal, read through a strided view (no gather).
-        """
-        G, D = self.d.group, self.d.head_dim
-        wl, wr = self.wl, self.wr
-        nw = wl + wr + 1
-        q4 = qb.view(self.bh, G, n, D)
-        lse4 = lse.view(self.bh, G, n, 1)
-        # rows per matmul: the band of r rows spans r + wl + wr keys, so short row chunks waste less
-        step = max(64, 2 * (wl + wr))
-        step = max(1, min(n, step, _WINDOW_ELEMENTS // max(1, self.bh * G * (step + wl + wr))))
-        parts = []
-        for r0 in range(0, n, step):
-            r = min(n, r0 + step) - r0
-            width = r + wl + wr
-            keys = self.kpad[:, p0 + r0 : p0 + r0 + width]  # padded index of key j is j + wl
-            rows = q4[:, :, r0 : r0 + r].reshape(self.bh, G * r, D)
-            band = torch.bmm(rows, keys.transpose(1, 2))  # [Bh, G*r, width]
-            diag = band.as_strided((self.bh, G, r, nw), (G * r * width, r * width, width + 1, 1))
-            parts.append(diag - lse4[:, :, r0 : r0 + r])
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-    def _recomputed(
-        self, qb: torch.Tensor, lse: torch.Tensor, i0: int, i1: int
-    ) -> tuple[torch.Tensor, ...]:
-        """local/self/prev/first1/first4 mass ``[B, Hkv, G, n]`` via ``exp(q·k - lse)``."""
-        d, dev = self.d, qb.device
-        B, Hkv, G, D, Nk = d.batch, d.heads_kv, d.group, d.head_dim, d.len_k
-        n, p0 = i1 - i0, d.offset + i0
-        pos = torch.arange(i0, i1, device=dev) + d.offset
-        wl, nw = self.wl, self.wl + self.wr + 1
-        u = torch.arange(nw, device=dev)
-        jw = pos[:, None] - wl + u[None, :]  # [n, nw] key index of each window slot
-        valid = ((jw >= 0) & (jw < Nk)).unsqueeze(0)
-        if self.causal:
-            valid = valid & (u <= wl)
-        jc = jw.clamp(0, Nk - 1)
-        if self.mask is not None:
-            valid = valid & self.mask[:, jc]
-        valid = valid.view(-1, 1, 1, n, nw)  # [B|1, 1, 1, n, nw]
-        if self.keep is not None:
-            valid = valid & self._keep_at(i0, i1, jc).view(B, Hkv, G, n, nw)
-        a_w = torch.exp(self._band_logits(qb, lse, p0, n)).view(B, Hkv, G, n, nw)
-        a_w = torch.where(valid, a_w, torch.zeros((), device=dev))
-        band = ((u - wl).abs() <= self.w).to(torch.float32)
-        local = (a_w * band).sum(-1)
-        self_m, prev = a_w[..., wl], a_w[..., wl - 1]
-
-        nf = min(4, Nk)
-        lf = torch.bmm(qb, self.kf[:, :nf].transpose(1, 2)) - lse.unsqueeze(-1)  # [Bh, G*n, nf]
-        jf = torch.arange(nf, device=dev)
-        vf = (jf[None, :] <= pos[:, None]) if self.causal else torch.ones(n, nf, dtype=torch.bool, device=dev)
-        vf = vf.unsqueeze(0)
-        if self.mask is not None:
-            vf = vf & self.mask[:, None, :nf]
-        vf = vf.view(-1, 1, 1, n, nf)
-        if self.keep is not None:
-            vf = vf & self._keep_at(i0, i1, jf.expand(n, nf)).view(B, Hkv, G, n, nf)
-        a_f = torch.where(vf, torch.exp(lf).view(B, Hkv, G, n, nf), torch.zeros((), device=dev))
-        return local, self_m, prev, a_f[..., 0], a_f.sum(-1)
 
 
 @torch.no_grad()

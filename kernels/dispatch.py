@@ -1,21 +1,26 @@
 """Public entry points: one dispatch per operation over the reference / chunked / Triton backends.
 
-``backend="auto"`` picks ``"triton"`` for CUDA tensors when triton is importable, else
-``"chunked"``. ``"reference"`` materialises the full map (small inputs only).
+``backend="auto"`` picks ``"triton"`` for CUDA tensors when triton is importable; on the CPU it
+picks ``"sdpa_recompute"`` for :func:`attention_with_stats` where PyTorch's fused CPU kernel applies
+(fp32, ``Nq == Nk`` or bidirectional) and ``"chunked"`` otherwise. ``"reference"`` materialises
+the full map (small inputs only).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import chunked, recompute, reference
+from . import chunked, recompute, reference, sdpa_lse
+from .exact_pass import exact_stats
 from .types import AttentionStats
-from .validation import check_block, check_keep, check_qk, resolve_backend
+from .validation import check_block, check_keep, check_key_padding_mask, check_qk, check_qkv, resolve_backend, resolve_scale
 
 
 def _pick(backend: object, device: torch.device, head_dim: int, block_size: int | None = None) -> str:
     """Resolve the backend; "auto" falls back to chunked where the Triton kernels cannot run."""
     chosen = resolve_backend(backend, device)
+    if chosen == "sdpa_recompute":  # a strategy of attention_with_stats only; elsewhere the chunked code
+        return "chunked"
     if backend == "auto" and chosen == "triton":
         sparse_ok = block_size is None or (16 <= block_size <= 128 and block_size & (block_size - 1) == 0)
         if not (16 <= head_dim <= 256 and sparse_ok):
@@ -38,11 +43,12 @@ def attention_with_stats(
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     local_window: int = 8,
+    received: bool = False,
     backend: str = "auto",
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> AttentionStats:
-    """Attention output, per-row LSE and the METRICS §1 statistics in one streaming pass.
+    """Attention output, per-row LSE and the METRICS §1 statistics, never materialising the map.
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` and ``Nq <= Nk``.
@@ -52,21 +58,53 @@ def attention_with_stats(
             key at its position is; padded rows get zero output/statistics and ``lse = -inf``.
         scale: logit scale, default ``1/sqrt(D)``.
         local_window: ``w`` of ``local_mass = Σ_{|i-j|<=w} A_ij``.
-        backend: "auto" | "reference" | "chunked" | "triton".
+        received: also compute the received mass per key (``result.received`` /
+            ``result.received_normalized``, see :func:`received_mass`).
+        backend: "auto" | "reference" | "chunked" | "sdpa_recompute" | "triton".
+            chunked / triton: one streaming pass (online softmax) gives out, LSE and the statistics;
+            the received mass is a second pass with the saved LSE. sdpa_recompute (CPU, fp32,
+            ``Nq == Nk`` or bidirectional): out and LSE from PyTorch's fused CPU flash kernel, then
+            one exact pass with that LSE gives every statistic and the received mass (faster on CPUs).
         block_q / block_k: tile sizes, None = the backend's default. chunked: query rows per head
-            and keys per tile (default about 1.2M logits a tile); triton: BLOCK_M / BLOCK_N,
-            powers of two >= 16 (default 64 / 32).
+            and keys per tile (default about 1.2M logits a tile); sdpa_recompute: the same for its
+            exact pass (default about 1.2M); triton: BLOCK_M / BLOCK_N, powers of two >= 16 (default 64 / 32).
     Returns:
-        ``AttentionStats(out [B, Hq, Nq, D] input dtype, lse [B, Hq, Nq] fp32, stats {name: [B, Hq, Nq]})``.
+        ``AttentionStats(out [B, Hq, Nq, D] input dtype, lse [B, Hq, Nq] fp32, stats {name: [B, Hq, Nq]},
+        received / received_normalized [B, Hq, Nk] fp32 or None)``.
     """
     dims = check_qk(q, k)
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "sdpa_recompute" or (backend == "auto" and chosen == "chunked"):
+        reason = sdpa_lse.unsupported_reason(q, dims, causal)
+        if reason is None:
+            return _sdpa_recompute(q, k, v, causal, key_padding_mask, scale, local_window, received, block_q, block_k)
+        if backend == "sdpa_recompute":
+            raise ValueError(f"backend='sdpa_recompute' cannot run this call: {reason}; use backend='chunked'")
     chosen = _pick(backend, q.device, dims.head_dim)
     kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, scale=scale, local_window=local_window)
     if chosen == "reference":
-        return reference.reference_attention(q, k, v, **kwargs)
-    if chosen == "chunked":
-        return chunked.chunked_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
-    return _triton().triton_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
+        result = reference.reference_attention(q, k, v, **kwargs)
+    elif chosen == "chunked":
+        result = chunked.chunked_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
+    else:
+        result = _triton().triton_attention(q, k, v, block_q=block_q, block_k=block_k, **kwargs)
+    if received:
+        result.received, result.received_normalized = received_mass(
+            q, k, result.lse, causal=causal, key_padding_mask=key_padding_mask, scale=scale, backend=chosen
+        )
+    return result
+
+
+def _sdpa_recompute(q, k, v, causal, key_padding_mask, scale, local_window, received, block_q, block_k) -> AttentionStats:
+    """The "sdpa_recompute" strategy: fused SDPA for out + LSE, then :func:`exact_stats`."""
+    dims = check_qkv(q, k, v)
+    mask = check_key_padding_mask(key_padding_mask, dims, q.device)
+    scale = resolve_scale(scale, dims.head_dim)
+    out, lse = sdpa_lse.sdpa_out_lse(q, k, v, dims, causal, mask, scale)
+    exact = exact_stats(q, k, lse, causal=causal, key_padding_mask=mask, scale=scale, local_window=local_window,
+                        received=received, block_q=block_q, block_k=block_k)
+    return AttentionStats(out=out, lse=lse, stats=exact.stats, received=exact.received,
+                          received_normalized=exact.received_normalized)
 
 
 def received_mass(

@@ -30,11 +30,15 @@ class AttentionStats:
             ``[B, Hq, Nq]`` fp32; ``-inf`` for rows that see no key (padded queries).
         stats: ``{name: Tensor[B, Hq, Nq]}`` fp32 with the keys of ``STAT_NAMES``
             (zero for rows that see no key), or ``None`` when not computed.
+        received, received_normalized: per-key received mass ``c``, ``ĉ`` ``[B, Hq, Nk]`` fp32
+            when asked for (``attention_with_stats(..., received=True)``), else None.
     """
 
     out: torch.Tensor
     lse: torch.Tensor
     stats: dict[str, torch.Tensor] | None
+    received: torch.Tensor | None = None
+    received_normalized: torch.Tensor | None = None
 
     def stat(self, name: str) -> torch.Tensor:
         """Return one statistic ``[B, Hq, Nq]`` by name, with a clear error if absent."""

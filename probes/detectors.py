@@ -20,6 +20,7 @@ import torch
 
 from probes.base import Probe, concat_frames, head_table, masked_row_mean, mean_and_ci
 from workbench.capture import Capture
+from workbench.errors import InputError
 
 DetectorName = Literal["previous_token", "induction", "duplicate_token"]
 _ROW_SOURCE = {"previous_token": "prev_token_mass", "induction": "induction_mass",
@@ -45,6 +46,9 @@ class Detectors(Probe):
         positions = torch.arange(capture.tokens.shape[1])
         self.per_sample_ = {}
         for metric in self.metrics_selected:
+            if _ROW_SOURCE[metric] not in capture.row_stats:
+                raise InputError(f"this capture has no {_ROW_SOURCE[metric]} rows (it was made with detectors=False): "
+                                 f"capture again with detectors=True, or score only ['previous_token']")
             rows = capture.row_stats[_ROW_SOURCE[metric]]
             valid = capture.mask.clone()
             if metric == "previous_token":

@@ -167,7 +167,8 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
             mode: CaptureMode = "patterns", keep_patterns: bool = False, keep_qk: bool = False,
             batch_size: int = 8, local_window: int = 8, fwd_hooks: Sequence[Hook] = (),
-            interventions=None, progress: bool = True, max_tokens: int | None = None) -> Capture:
+            interventions=None, progress: bool = True, max_tokens: int | None = None,
+            detectors: bool = True) -> Capture:
     """Run ``inputs`` through ``model`` once and record per-head attention facts.
 
     Args:
@@ -184,6 +185,9 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
         interventions: a :class:`workbench.interventions.InterventionSet` active during the
             capture, in either mode (bridge hooks in patterns mode, z editors in stats mode).
         progress: show a tqdm bar over batches.
+        detectors: also record the detector rows ``induction_mass`` / ``duplicate_mass``
+            (METRICS §2). ``False`` skips them (in stats mode their exact gather is about 8% of a
+            long capture); the :class:`probes.Detectors` induction/duplicate scores then refuse it.
     """
     if mode not in ("patterns", "stats"):
         raise InputError(f"unknown capture mode '{mode}': use 'patterns' or 'stats'")
@@ -194,12 +198,14 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
 
         return capture_stats(model, batch, layers=layers, heads=heads, keep_qk=keep_qk,
                              batch_size=batch_size, local_window=local_window,
-                             fwd_hooks=fwd_hooks, progress=progress, interventions=interventions)
+                             fwd_hooks=fwd_hooks, progress=progress, interventions=interventions,
+                             detectors=detectors)
     if interventions is not None:
         interventions.validate(model, batch)
     B, N = batch.tokens.shape
     L, H = len(layers), len(heads)
-    row_stats = {name: torch.zeros(B, L, H, N) for name in STAT_NAMES + DETECTOR_ROWS}
+    detector_names = DETECTOR_ROWS if detectors else ()
+    row_stats = {name: torch.zeros(B, L, H, N) for name in STAT_NAMES + detector_names}
     received = torch.zeros(B, L, H, N)
     received_norm = torch.zeros(B, L, H, N)
     patterns = {layer: torch.zeros(B, H, N, N) for layer in layers} if keep_patterns else None
@@ -212,8 +218,9 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
             A = pattern.detach()[:, head_index].float()
             for name, value in row_statistics(A, chunk.mask, causal=model.causal, local_window=local_window).items():
                 row_stats[name][rows, li, :, :width] = value
-            for name, value in detector_rows(A, chunk.tokens, chunk.mask).items():
-                row_stats[name][rows, li, :, :width] = value
+            if detectors:
+                for name, value in detector_rows(A, chunk.tokens, chunk.mask).items():
+                    row_stats[name][rows, li, :, :width] = value
             raw, norm = received_mass(A, chunk.mask, causal=model.causal)
             received[rows, li, :, :width], received_norm[rows, li, :, :width] = raw, norm
             if patterns is not None:
@@ -226,7 +233,7 @@ def capture(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, *,
         ]
         model.run(chunk, fwd_hooks=hooks)
         start += len(chunk)
-    for name in DETECTOR_ROWS:  # rows beyond each sample's length have no target
+    for name in detector_names:  # rows beyond each sample's length have no target
         row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
     return Capture(
         model_name=model.name, mode="patterns", causal=model.causal, tokens=batch.tokens, mask=batch.mask,

@@ -2,11 +2,13 @@
 
 The model's Hugging Face copy (:attr:`HookedModel.kernel_model`) runs inside
 :func:`workbench.kernel_attention.kernel_forward`; every attention call goes through
-:func:`kernels.attention_with_stats` (online softmax, per-row statistics, LSE) and a recorder
-keeps, for the selected layers and heads only:
+:func:`kernels.attention_with_stats` with ``received=True`` (output, LSE, per-row statistics and
+received mass; on the CPU: PyTorch's fused SDPA kernel for out + LSE, then one exact pass) and a
+recorder keeps, for the selected layers and heads only:
 
 - the METRICS §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
-- received mass per key (:func:`kernels.received_mass`, a second pass over key blocks);
+- received mass per key (``AttentionStats.received``; a second pass with the saved LSE when the
+  attention function did not compute it);
 - the detector rows ``induction_mass`` / ``duplicate_mass``, gathered exactly at their target
   pairs from q, k and the LSE (:func:`workbench.recompute.detector_rows_from_qk`);
 - with ``keep_qk``: ``q.L [B, H_sel, N, d]``, ``k.L [B, Hkv, N, d]``, ``lse.L [B, H_sel, N]`` fp32
@@ -46,7 +48,7 @@ class StatsRecorder:
     """
 
     def __init__(self, model: HookedModel, n_samples: int, width: int, layers: Sequence[int],
-                 heads: Sequence[int], keep_qk: bool) -> None:
+                 heads: Sequence[int], keep_qk: bool, detectors: bool = True) -> None:
         B, N, L, H = n_samples, width, len(layers), len(heads)
         self.layer_pos = {layer: li for li, layer in enumerate(layers)}
         self.last_layer = max(layers)
@@ -55,7 +57,9 @@ class StatsRecorder:
         self.group = model.n_heads // model.n_kv_heads
         self.kv_of_head = self.heads // self.group
         self.row_stats = {name: torch.zeros(B, L, H, N) for name in STAT_NAMES}
-        self.row_stats |= {name: torch.full((B, L, H, N), float("nan")) for name in DETECTOR_ROWS}
+        self.detectors = detectors
+        if detectors:
+            self.row_stats |= {name: torch.full((B, L, H, N), float("nan")) for name in DETECTOR_ROWS}
         self.received = torch.zeros(B, L, H, N)
         self.received_normalized = torch.zeros(B, L, H, N)
         self.keep_qk = keep_qk
@@ -75,7 +79,7 @@ class StatsRecorder:
         """Point the recorder at the samples ``chunk`` (rows from ``first_row``)."""
         self.chunk = chunk
         self.rows = slice(first_row, first_row + len(chunk))
-        self.groups = [token_groups(t[m]) for t, m in zip(chunk.tokens, chunk.mask)]
+        self.groups = [token_groups(t[m]) for t, m in zip(chunk.tokens, chunk.mask)] if self.detectors else []
 
     def __call__(self, call: AttentionCall, result) -> None:
         li = self.layer_pos.get(call.layer)
@@ -95,8 +99,9 @@ class StatsRecorder:
             self.row_stats[name][rows, li, :, :width] = value.masked_fill(~real, 0.0).cpu()
         q, k, lse = self._selected(call, result)
         self.scale[li] = call.scale
-        self._received(li, q, k, lse, call)
-        self._detectors(li, q, k, lse, call.scale)
+        self._received(li, q, k, lse, call, result)
+        if self.detectors:
+            self._detectors(li, q, k, lse, call.scale)
         if self.keep_qk:
             layer = call.layer
             self.extras[f"q.{layer}"][rows, :, :width] = q.cpu()
@@ -115,15 +120,19 @@ class StatsRecorder:
         k = call.key[:, self.kv_of_head].float()
         return q, k, result.lse[:, self.heads].float()
 
-    def _received(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, call: AttentionCall) -> None:
-        from kernels import received_mass
-
-        if self.all_heads:  # the kernel maps GQA itself: no per-query-head copy of K
-            raw, norm = received_mass(call.query, call.key, lse, causal=call.causal,
-                                      key_padding_mask=call.key_padding_mask, scale=call.scale)
+    def _received(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, call: AttentionCall,
+                  result) -> None:
+        """Received mass of the selected heads: from the attention call when it computed it
+        (``attention_with_stats(..., received=True)``), else a second pass with the saved LSE."""
+        raw, norm = getattr(result, "received", None), getattr(result, "received_normalized", None)
+        if raw is not None and norm is not None:
+            if not self.all_heads:
+                raw, norm = raw[:, self.heads], norm[:, self.heads]
         else:
-            raw, norm = received_mass(q, k, lse, causal=call.causal,
-                                      key_padding_mask=call.key_padding_mask, scale=call.scale)
+            from kernels import received_mass
+
+            raw, norm = received_mass(q, k, lse, causal=call.causal, key_padding_mask=call.key_padding_mask,
+                                      scale=call.scale)
         width = raw.shape[-1]
         self.received[self.rows, li, :, :width] = raw.float().cpu()
         self.received_normalized[self.rows, li, :, :width] = norm.float().cpu()
@@ -140,7 +149,8 @@ class StatsRecorder:
 
 def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int], heads: Sequence[int],
                   keep_qk: bool = False, batch_size: int = 8, local_window: int = 8,
-                  fwd_hooks: Sequence[Hook] = (), progress: bool = True, interventions=None) -> Capture:
+                  fwd_hooks: Sequence[Hook] = (), progress: bool = True, interventions=None,
+                  detectors: bool = True) -> Capture:
     """Stats-mode capture of ``batch`` (see the module docstring); same fields as patterns mode.
 
     Args:
@@ -153,6 +163,7 @@ def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int
         fwd_hooks: must be empty (TransformerLens hooks cannot reach the kernel model).
         progress: tqdm bar over batches.
         interventions: optional ``InterventionSet`` applied through its z editors.
+        detectors: gather the detector rows (``induction_mass`` / ``duplicate_mass``).
     Raises:
         InputError: ``fwd_hooks`` given, bad ``batch_size``/``local_window``.
     """
@@ -166,9 +177,9 @@ def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int
     editors = interventions.z_editors(model, batch) if interventions is not None else ()
     from kernels import attention_with_stats
 
-    attention = functools.partial(attention_with_stats, local_window=local_window)
+    attention = functools.partial(attention_with_stats, local_window=local_window, received=True)
     B, N = batch.tokens.shape
-    recorder = StatsRecorder(model, B, N, layers, heads, keep_qk)
+    recorder = StatsRecorder(model, B, N, layers, heads, keep_qk, detectors)
     kernel_model = model.kernel_model
     device = next(kernel_model.parameters()).device
     body = kernel_model.base_model  # no LM head: capture needs only the attention calls
@@ -187,7 +198,7 @@ def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int
                     pass
             start += len(chunk)
     recorder.bar = None
-    for name in DETECTOR_ROWS:  # rows beyond each sample's length have no target
+    for name in DETECTOR_ROWS if detectors else ():  # rows beyond each sample's length have no target
         recorder.row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
     info = {"local_window": local_window, "scale": recorder.scale, "kv_group": recorder.group}
     if interventions is not None:

@@ -19,7 +19,7 @@ from kernels import (
 )
 from kernels.validation import resolve_backend
 
-BACKENDS = ["reference", "chunked", "triton"]
+BACKENDS = ["reference", "chunked", "sdpa_recompute", "triton"]
 
 
 def _qkv(Hq=4, Hkv=2, N=20, D=32, dtype=torch.float32):
