@@ -1,7 +1,8 @@
 """Attention kernels (layer L0): imports only torch, triton and the standard library.
 
 Backends: ``reference`` (plain torch, materialises the map), ``chunked`` (torch, block-wise online
-softmax; the CPU path) and ``triton`` (GPU kernels, imported lazily). Every public function
+softmax), ``sdpa_recompute`` (CPU: PyTorch's fused SDPA kernel for out + LSE, then one exact pass
+for every statistic and the received mass) and ``triton`` (GPU kernels, imported lazily). Every public function
 validates its inputs and raises ``TypeError``/``ValueError`` with a message naming the fix.
 """
 
