@@ -95,7 +95,7 @@ class _Forward:
     ) -> None:
         f32, dev = torch.float32, q.device
         self.d, self.causal, self.mask, self.scale = dims, causal, mask, scale
-        self.w, self.keep, self.bs, self.bq, self.bk = local_window, keep, block_size, block_q, block_k
+        self.keep, self.bs, self.bq, self.bk = keep, block_size, block_q, block_k
         B, Hkv, G, Nk, D = dims.batch, dims.heads_kv, dims.group, dims.len_k, dims.head_dim
         self.bh = B * Hkv
         self.q5 = q.reshape(B, Hkv, G, dims.len_q, D)

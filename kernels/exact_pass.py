@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import masks
+from . import cpu_fused, masks
 from .chunked import EXP_FLOOR, _chunks, _view
 from .parallel import run_blocks, worker_count
 from .types import STAT_NAMES, stats_from_stacked
@@ -68,6 +68,34 @@ def _blocks(dims: AttnDims, block_q: int | None, block_k: int | None) -> tuple[i
     return min(bq, dims.len_q), bk
 
 
+@dataclass
+class _Block:
+    """Per-query-block values shared by its tiles."""
+
+    n: int  # query rows per head
+    c: int  # the block's last position
+    live: torch.Tensor  # bool [B, Hkv, G, n]: rows that see a key
+    all_live: bool
+    jrel: torch.Tensor  # [Nk] j - c
+    relrow: torch.Tensor  # [n] p_r - c
+    ones: torch.Tensor | None = None  # [B*Hkv*G, 1, n] (torch path: column sums as a matmul)
+    live_u8: torch.Tensor | None = None  # uint8 [B*Hkv*G*n] or None when all rows are live (C path)
+
+
+class _RowSums:
+    """Per-row accumulators ``[B*Hkv, G*n]`` of one query block."""
+
+    def __init__(self, bh: int, rows: int, device: torch.device) -> None:
+        def zeros() -> torch.Tensor:
+            return torch.zeros(bh, rows, device=device)
+
+        self.pmax, self.plogp = zeros(), zeros()  # max p; Σ p t (entropy = -Σ p t)
+        self.moment_left, self.mass_left = zeros(), zeros()  # Σ p (j - c), Σ p over keys j <= p_i
+        self.moment_right, self.mass_right = zeros(), zeros()  # the same over keys j > p_i (bidirectional)
+        self.diag_dist = zeros()  # Σ p |p_i - j| on the bidirectional diagonal tile
+        self.spare = zeros()  # row mass of that tile (not needed)
+
+
 class _Pass:
     """State shared by the query blocks of one exact pass."""
 
@@ -92,6 +120,8 @@ class _Pass:
         self.future = ar[None, :] > ar[:, None]  # diagonal tile: key after query
         self.absdiff = (ar[None, :] - ar[:, None]).abs().to(f32)
         self.knorm = torch.linalg.vector_norm(kf, dim=-1)  # [B*Hkv, Nk], for the exp-underflow bound
+        self.fused = cpu_fused.tile_stats() if dev.type == "cpu" else None
+        self.keymask = None if mask is None else mask.to(f32).contiguous()  # [B, Nk] for the C loop
         self.tile_elems = self.bh * G * block_q * max(block_k, block_q)
         self.stats = torch.empty(len(STAT_NAMES), B, Hkv, G, Nq, dtype=f32, device=dev)
         self._local = threading.local()
@@ -99,16 +129,19 @@ class _Pass:
         self._lock = threading.Lock()
 
     def scratch_bytes(self) -> int:
-        """Scratch memory of one worker: two tiles and a column accumulator."""
-        return 4 * (2 * self.tile_elems + (self.bh * self.d.group * self.d.len_k if self.received else 0))
+        """Scratch memory of one worker: one or two tiles and a column accumulator."""
+        tiles = 1 if self.fused else 2
+        return 4 * (tiles * self.tile_elems + (self.bh * self.d.group * self.d.len_k if self.received else 0))
 
     def _scratch(self) -> threading.local:
         local = self._local
         if not hasattr(local, "tbuf"):
-            local.tbuf = torch.empty(self.tile_elems, device=self.kaug.device)
-            local.pbuf = torch.empty_like(local.tbuf)
+            dev = self.kaug.device
+            local.tbuf = torch.empty(self.tile_elems, device=dev)
+            local.pbuf = None if self.fused else torch.empty_like(local.tbuf)
+            local.wbuf = torch.empty(max(self.bk, self.bq), device=dev)
             if self.received:
-                local.col = torch.zeros(self.bh * self.d.group, 1, self.d.len_k, device=self.kaug.device)
+                local.col = torch.zeros(self.bh * self.d.group, 1, self.d.len_k, device=dev)
                 with self._lock:
                     self.columns.append(local.col)
         return local
@@ -122,7 +155,7 @@ class _Pass:
 
     def run_block(self, i0: int, i1: int) -> None:
         d, dev = self.d, self.kaug.device
-        B, Hkv, G, D = d.batch, d.heads_kv, d.group, d.head_dim
+        G, D = d.group, d.head_dim
         n, bh, rows = i1 - i0, self.bh, d.group * (i1 - i0)
         p0, p1 = d.offset + i0, d.offset + i1
         c = p1 - 1
@@ -131,53 +164,92 @@ class _Pass:
         lse_b = self.lse[..., i0:i1].reshape(bh, rows)
         qaug = torch.cat([qb, -lse_b.unsqueeze(-1)], dim=-1)  # q·k - lse in the matmul
         live = self.live[..., i0:i1]
-        all_live = self.all_live or bool(live.all())
         tiles = self._tiles(p0, p1)
-        # Cauchy-Schwarz: t_ij = s_ij - lse_i >= -|q_i| max_tile |k_j| - lse_i; a tile whose bound stays
-        # above EXP_FLOOR needs no clamp (most tiles of real models: their logits are far from -80)
+        acc = _RowSums(bh, rows, dev)
+        block = _Block(n=n, c=c, live=live, all_live=self.all_live or bool(live.all()),
+                       jrel=self.jpos - c,  # j - c: small next to the positions, so the moments keep their precision
+                       relrow=torch.arange(p0, p1, device=dev, dtype=torch.float32) - c)  # p_r - c
+        if self.fused is None:
+            clamps = self._clamps(qb, lse_b, tiles)
+            block.ones = torch.ones(bh * G, 1, n, device=dev)
+        else:
+            clamps = [False] * len(tiles)  # the C loop clamps every logit itself
+            block.live_u8 = None if block.all_live else live.to(torch.uint8).contiguous()
+        for (j0, j1, kind), clamp in zip(tiles, clamps):
+            t = torch.bmm(qaug, self.kaug[:, j0:j1].transpose(1, 2), out=_view(scratch.tbuf, (bh, rows, j1 - j0)))
+            if self.fused is None:
+                self._tile_torch(t, scratch, block, acc, j0, j1, kind, clamp)
+            else:
+                self._tile_fused(t, scratch, block, acc, j0, j1, kind)
+        rel = block.relrow.repeat(G)  # per row of [bh, G*n]
+        if self.causal:  # Σ p (p_i - j) = (p_i - c) Σp - Σ p (j - c), and Σp = 1 to rounding
+            dist = rel - acc.moment_left
+        else:  # left: (p_i - c) L - S; right: S - (p_i - c) L; diagonal: Σ p |p_i - j|
+            dist = rel * (acc.mass_left - acc.mass_right) - acc.moment_left + acc.moment_right + acc.diag_dist
+        self._finish(qb, lse_b, i0, i1, -acc.plogp, acc.pmax, dist)
+
+    def _clamps(self, qb: torch.Tensor, lse_b: torch.Tensor, tiles: list[tuple[int, int, str]]) -> list[bool]:
+        """Which tiles the torch path must clamp at EXP_FLOOR before exp.
+
+        Cauchy-Schwarz: ``t_ij = s_ij - lse_i >= -|q_i| max_tile |k_j| - lse_i``; a tile whose bound
+        stays above EXP_FLOOR needs no clamp (most tiles of real models: their logits are far from -80).
+        """
         qnorm = torch.linalg.vector_norm(qb, dim=-1)  # [bh, rows]
         kmax = torch.stack([self.knorm[:, j0:j1].amax(-1) for j0, j1, _ in tiles], dim=-1)  # [bh, tiles]
         bound = (qnorm.unsqueeze(-1) * kmax.unsqueeze(1) + lse_b.unsqueeze(-1)).amax(dim=(0, 1))
-        may_underflow = (bound > -EXP_FLOOR).tolist()
-        jrel = self.jpos - c  # j - c: small next to the positions, so the moments keep their precision
-        ones = torch.ones(bh * G, 1, n, device=dev)
-        ent = torch.zeros(bh, rows, device=dev)
-        pmax = torch.zeros(bh, rows, device=dev)
-        moment = torch.zeros(bh, rows, device=dev)  # Σ p (j - c) left of / at the row
-        right_moment = torch.zeros(bh, rows, device=dev) if not self.causal else None
-        mass = torch.zeros(bh, rows, device=dev) if not self.causal else None  # Σ p left, minus right
-        diag_dist = None
-        for (j0, j1, kind), clamp in zip(tiles, may_underflow):
-            nk = j1 - j0
-            t = torch.bmm(qaug, self.kaug[:, j0:j1].transpose(1, 2), out=_view(scratch.tbuf, (bh, rows, nk)))
-            if clamp:
-                t.clamp_(min=EXP_FLOOR)  # keeps exp on its fast path; exp(-80) vanishes next to any mass
-            p = torch.exp(t, out=_view(scratch.pbuf, (bh, rows, nk)))
-            if kind == "diag" and self.causal:
-                p.view(bh, G, n, nk).masked_fill_(self.future[:n, :nk], 0.0)
-            if self.mask is not None and not bool(self.mask[:, j0:j1].all()):
-                p.view(B, -1, nk).masked_fill_(~self.mask[:, None, j0:j1], 0.0)
-            if not all_live:  # masked_fill, not a product: a dead row's t may overflow exp to inf
-                p.view(B, Hkv, G, n, nk).masked_fill_(~live.unsqueeze(-1), 0.0)
-            if self.received:
-                scratch.col[:, :, j0:j1] += torch.bmm(ones, p.view(bh * G, n, nk))
-            torch.maximum(pmax, p.amax(-1), out=pmax)
-            if kind == "diag" and not self.causal:
-                diag_dist = (p.view(bh, G, n, nk) * self.absdiff[:n, :nk]).sum(-1).view(bh, rows)
-            elif kind == "right":
-                right_moment += torch.matmul(p, jrel[j0:j1])
-                mass -= p.sum(-1)
-            else:
-                moment += torch.matmul(p, jrel[j0:j1])
-                if mass is not None:
-                    mass += p.sum(-1)
-            ent -= t.mul_(p).sum(-1)
-        rel = (torch.arange(p0, p1, device=dev, dtype=torch.float32) - c).repeat(G)  # p_i - c per row
-        if self.causal:  # Σ p (p_i - j) = (p_i - c) Σp - Σ p (j - c), and Σp = 1 to rounding
-            dist = rel - moment
-        else:  # left: (p_i - c) L - S; right: S - (p_i - c) L; diagonal: Σ p |p_i - j|
-            dist = rel * mass - moment + right_moment + diag_dist
-        self._finish(qb, lse_b, i0, i1, ent, pmax, dist)
+        return (bound > -EXP_FLOOR).tolist()
+
+    def _tile_torch(self, t: torch.Tensor, scratch: threading.local, block: "_Block", acc: "_RowSums",
+                    j0: int, j1: int, kind: str, clamp: bool) -> None:
+        """One tile in torch ops (any device): p = exp(t), masked, then the row and column sums."""
+        d = self.d
+        B, Hkv, G = d.batch, d.heads_kv, d.group
+        n, bh, nk = block.n, self.bh, j1 - j0
+        if clamp:
+            t.clamp_(min=EXP_FLOOR)  # keeps exp on its fast path; exp(-80) vanishes next to any mass
+        p = torch.exp(t, out=_view(scratch.pbuf, tuple(t.shape)))
+        if kind == "diag" and self.causal:
+            p.view(bh, G, n, nk).masked_fill_(self.future[:n, :nk], 0.0)
+        if self.mask is not None and not bool(self.mask[:, j0:j1].all()):
+            p.view(B, -1, nk).masked_fill_(~self.mask[:, None, j0:j1], 0.0)
+        if not block.all_live:  # masked_fill, not a product: a dead row's t may overflow exp to inf
+            p.view(B, Hkv, G, n, nk).masked_fill_(~block.live.unsqueeze(-1), 0.0)
+        if self.received:
+            scratch.col[:, :, j0:j1] += torch.bmm(block.ones, p.view(bh * G, n, nk))
+        torch.maximum(acc.pmax, p.amax(-1), out=acc.pmax)
+        if kind == "diag" and not self.causal:
+            acc.diag_dist += (p.view(bh, G, n, nk) * self.absdiff[:n, :nk]).sum(-1).view_as(acc.diag_dist)
+        elif kind == "right":
+            acc.moment_right += torch.matmul(p, block.jrel[j0:j1])
+            acc.mass_right += p.sum(-1)
+        else:
+            acc.moment_left += torch.matmul(p, block.jrel[j0:j1])
+            if not self.causal:
+                acc.mass_left += p.sum(-1)
+        acc.plogp += t.mul_(p).sum(-1)
+
+    def _tile_fused(self, t: torch.Tensor, scratch: threading.local, block: "_Block", acc: "_RowSums",
+                    j0: int, j1: int, kind: str) -> None:
+        """One tile in the compiled C loop (CPU): the same sums, one pass over the logits."""
+        d = self.d
+        absmode = kind == "diag" and not self.causal
+        if absmode:
+            moment, mass = acc.diag_dist, acc.spare
+        elif kind == "right":
+            moment, mass = acc.moment_right, acc.mass_right
+        else:
+            moment, mass = acc.moment_left, acc.mass_left
+        keymask = None
+        if self.keymask is not None and not bool(self.mask[:, j0:j1].all()):
+            keymask = self.keymask.data_ptr() + 4 * j0
+        col = scratch.col.data_ptr() + 4 * j0 if self.received else None
+        self.fused(
+            t.data_ptr(), self.bh * d.group, block.n, j1 - j0, block.jrel.data_ptr() + 4 * j0,
+            block.relrow.data_ptr(), int(absmode), 1 if kind == "diag" and self.causal else -1,
+            keymask, d.len_k, d.heads_kv * d.group, cpu_fused.ptr(block.live_u8),
+            acc.pmax.data_ptr(), acc.plogp.data_ptr(), moment.data_ptr(), mass.data_ptr(),
+            col, d.len_k, scratch.wbuf.data_ptr(),
+        )
 
     def _finish(self, qb: torch.Tensor, lse_b: torch.Tensor, i0: int, i1: int, ent: torch.Tensor,
                 pmax: torch.Tensor, dist: torch.Tensor) -> None:

@@ -6,11 +6,22 @@ import pytest
 import torch
 
 from conftest import CASES, assert_stats_match, assert_within_precision, make_inputs, truth_and_baseline
-from kernels import STAT_NAMES, attention_with_stats, received_mass
+from kernels import STAT_NAMES, attention_with_stats, cpu_fused, received_mass
 from kernels.exact_pass import exact_stats
 from kernels.reference import reference_received_mass
 
 SDPA_CASES = [c for c, (_, _, _, nq, nk, _, causal, _) in CASES.items() if nq == nk or not causal]
+HAVE_CC = cpu_fused._compiler() is not None
+
+
+@pytest.fixture(params=["fused", "torch"])
+def epilogue(request, monkeypatch):
+    """Run a test with the compiled C epilogue and with the torch-ops one."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_fused, "tile_stats", lambda: None)
+    elif cpu_fused.tile_stats() is None:
+        pytest.skip("no C compiler: the fused epilogue is not built here")
+    return request.param
 
 
 def _check_received(got_raw, got_norm, q, k, truth, baseline, causal, mask):
@@ -23,7 +34,7 @@ def _check_received(got_raw, got_norm, q, k, truth, baseline, causal, mask):
 
 @pytest.mark.parametrize("blocks", [(None, None), (8, 16), (16, 8)])
 @pytest.mark.parametrize("case", list(CASES))
-def test_exact_stats_from_the_true_lse(case, blocks):
+def test_exact_stats_from_the_true_lse(case, blocks, epilogue):
     """Every statistic and the received mass, for every layout (GQA, padding, Nq < Nk, bidirectional)."""
     q, k, v, mask, causal = make_inputs(case)
     truth, base = truth_and_baseline(q, k, v, causal=causal, key_padding_mask=mask, local_window=3)
@@ -47,7 +58,7 @@ def test_exact_stats_without_received_mass():
 
 
 @pytest.mark.parametrize("case", SDPA_CASES)
-def test_sdpa_recompute_matches_reference(case):
+def test_sdpa_recompute_matches_reference(case, epilogue):
     q, k, v, mask, causal = make_inputs(case)
     truth, base = truth_and_baseline(q, k, v, causal=causal, key_padding_mask=mask, local_window=3)
     got = attention_with_stats(q, k, v, causal=causal, key_padding_mask=mask, local_window=3, received=True,
@@ -57,7 +68,7 @@ def test_sdpa_recompute_matches_reference(case):
     _check_received(got.received, got.received_normalized, q, k, truth, base, causal, mask)
 
 
-def test_peaked_logits_need_the_exp_floor():
+def test_peaked_logits_need_the_exp_floor(epilogue):
     """Logits far below the row maximum (exp would underflow past -88, so tiles are clamped at -80):
     same numbers, no NaN. fp32 logits of this size (|s| ~ 100) carry ~1e-5 absolute error in
     ``s - lse`` in any fp32 implementation, hence the 1e-4 tolerance."""
@@ -108,7 +119,7 @@ def test_received_flag_equals_the_second_pass(backend):
     assert attention_with_stats(q, k, v, causal=causal, key_padding_mask=mask, backend=backend).received is None
 
 
-def test_padding_contributes_exactly_zero_and_dead_rows_are_zero():
+def test_padding_contributes_exactly_zero_and_dead_rows_are_zero(epilogue):
     q, k, v, mask, _ = make_inputs("gqa-causal-pad")
     mask[1] = False  # a whole padded sequence: every row sees nothing
     got = attention_with_stats(q, k, v, key_padding_mask=mask, received=True, backend="sdpa_recompute")
@@ -123,7 +134,7 @@ def test_padding_contributes_exactly_zero_and_dead_rows_are_zero():
     assert torch.isfinite(again.received_normalized).all()
 
 
-def test_thread_pool_matches_one_worker():
+def test_thread_pool_matches_one_worker(epilogue):
     """With 2 torch threads query blocks run on 2 workers; per-worker column sums add up the same."""
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, 4, 300, 32, generator=g), torch.randn(1, 2, 300, 32, generator=g), torch.randn(1, 2, 300, 32, generator=g)
@@ -138,3 +149,20 @@ def test_thread_pool_matches_one_worker():
     for name in STAT_NAMES:
         torch.testing.assert_close(one.stats[name], two.stats[name], rtol=0, atol=0)
     torch.testing.assert_close(one.received, two.received, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+def test_fused_epilogue_builds_where_a_compiler_exists():
+    """CI has gcc: the fast path must really be in use there, not silently skipped."""
+    assert cpu_fused.tile_stats() is not None
+
+
+def test_fused_epilogue_can_be_disabled_and_survives_a_broken_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_fused, "tile_stats", cpu_fused.tile_stats.__wrapped__)  # no cache
+    monkeypatch.setenv(cpu_fused.DISABLE_ENV, "0")
+    assert cpu_fused.tile_stats() is None
+    monkeypatch.delenv(cpu_fused.DISABLE_ENV)
+    monkeypatch.setenv("CC", "false")  # exists, but fails: the build error becomes a warning
+    monkeypatch.setattr(cpu_fused, "_cache_dir", lambda: tmp_path)
+    with pytest.warns(RuntimeWarning, match="could not build"):
+        assert cpu_fused.tile_stats() is None

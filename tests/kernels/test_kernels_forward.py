@@ -61,7 +61,7 @@ def test_triton_matches_reference_half(dtype):
     assert_stats_match(got, truth, base)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa_recompute", "triton"])
 def test_fully_padded_sequence_gives_zeros_not_nan(backend):
     q, k, v, _, _ = make_inputs("gqa-causal-pad")
     mask = torch.ones(2, 37, dtype=torch.bool)
@@ -97,7 +97,7 @@ def test_known_values_on_a_uniform_map():
     torch.testing.assert_close(got.out[0, 0], v[0, 0].cumsum(0) / cnt[:, None])
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa_recompute", "triton"])
 def test_non_contiguous_inputs(backend):
     """Models hand over q/k/v as [B, N, H, D].transpose(1, 2) views."""
     q, k, v, mask, causal = make_inputs("gqa-causal-pad")
@@ -107,7 +107,7 @@ def test_non_contiguous_inputs(backend):
     assert_stats_match(attention_with_stats(qt, kt, vt, key_padding_mask=mask, backend=backend), truth, base)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "sdpa_recompute", "triton"])
 @pytest.mark.parametrize("n,causal", [(1, True), (2, False), (3, True), (5, False)])
 def test_tiny_sequences(n, causal, backend):
     g = torch.Generator().manual_seed(n)
