@@ -1,4 +1,5 @@
-"""Public entry points: one dispatch per operation over the reference / chunked / Triton backends.
+"""Public entry points: one dispatch per operation over the reference / chunked / sdpa_recompute /
+Triton backends.
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when triton is importable; on the CPU it
 picks ``"sdpa_recompute"`` for :func:`attention_with_stats` where PyTorch's fused CPU kernel applies
@@ -13,7 +14,15 @@ import torch
 from . import chunked, recompute, reference, sdpa_lse
 from .exact_pass import exact_stats
 from .types import AttentionStats
-from .validation import check_block, check_keep, check_key_padding_mask, check_qk, check_qkv, resolve_backend, resolve_scale
+from .validation import (
+    check_block,
+    check_keep,
+    check_key_padding_mask,
+    check_qk,
+    check_qkv,
+    resolve_backend,
+    resolve_scale,
+)
 
 
 def _pick(backend: object, device: torch.device, head_dim: int, block_size: int | None = None) -> str:
@@ -95,7 +104,9 @@ def attention_with_stats(
     return result
 
 
-def _sdpa_recompute(q, k, v, causal, key_padding_mask, scale, local_window, received, block_q, block_k) -> AttentionStats:
+def _sdpa_recompute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    key_padding_mask: torch.Tensor | None, scale: float | None, local_window: int, received: bool,
+                    block_q: int | None, block_k: int | None) -> AttentionStats:
     """The "sdpa_recompute" strategy: fused SDPA for out + LSE, then :func:`exact_stats`."""
     dims = check_qkv(q, k, v)
     mask = check_key_padding_mask(key_padding_mask, dims, q.device)

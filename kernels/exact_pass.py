@@ -1,4 +1,4 @@
-"""Every METRICS §1 row statistic and the received mass in one pass, given the final LSE (torch).
+"""Every METRICS §1 row statistic and the received mass in one pass, given the final LSE.
 
 With ``lse`` known, each probability is exact where it is computed: ``p_ij = exp(t_ij)`` with
 ``t_ij = scale·q_i·k_j - lse_i`` (one matmul against ``[K | 1]`` with ``-lse`` appended to the
@@ -9,13 +9,15 @@ queries). One pass over query blocks × key tiles then accumulates, without stor
   small): left of the row ``Σ p (p_i - j) = (p_i - c) L - S`` with ``L = Σ p``, right of it
   ``S - (p_i - c) L``; causal rows have ``L = 1`` (to rounding, times ``|p_i - c| < block_q``);
   bidirectional diagonal tiles multiply by ``|p_i - j|``;
-* received mass ``c_j = Σ_i p_ij`` (a ``ones @ p`` per head, accumulated per worker);
+* received mass ``c_j = Σ_i p_ij`` per head, accumulated per worker;
 * window and first-key masses from the band recompute (:mod:`.window_stats`).
 
-Per logit that is one matmul, an exp, two matrix-vector products, a row max and the entropy
-product: no online-softmax rescaling and no ``P @ V``. Tiles hold about 1.2M logits: smaller ones
-are no faster on one thread and lose to per-op overhead on two. With ``lse`` from PyTorch's fused SDPA kernel
-(:mod:`.sdpa_lse`) this is the fastest exact CPU path (the ``"sdpa_recompute"`` backend).
+Per logit that is one matmul and an exp: no online-softmax rescaling and no ``P @ V``. After each
+tile's matmul the sums come from the compiled C loop of :mod:`.cpu_fused` on the CPU (each ``p``
+formed once, never written), or from torch ops elsewhere (exp, a ``ones @ p`` and a ``p @ (j - c)``
+matmul, a row max and the entropy product). Tiles hold about 1.2M logits: smaller ones are no
+faster on one thread and lose to per-op overhead on two. With ``lse`` from PyTorch's fused SDPA
+kernel (:mod:`.sdpa_lse`) this is the fastest exact CPU path (the ``"sdpa_recompute"`` backend).
 """
 
 from __future__ import annotations

@@ -223,3 +223,18 @@ def test_interventions_apply_in_stats_mode(tiny_llama):
     clean = capture(tiny_llama, batch, mode="stats", progress=False)
     assert (clean.row_stats["entropy"][:, 1] - stats.row_stats["entropy"][:, 1]).abs().max() > 1e-4
     assert stats.info["interventions"] == edits.text
+
+
+@pytest.mark.parametrize("mode", ["patterns", "stats"])
+def test_capture_without_detector_rows(pair, mode):
+    """``detectors=False`` drops only the detector rows; the Detectors probe then names the fix."""
+    model, batch, patterns, stats = pair
+    full = stats if mode == "stats" else patterns
+    lean = capture(model, batch, mode=mode, progress=False, detectors=False)
+    assert not set(DETECTOR_ROWS) & set(lean.row_stats)
+    for name in STAT_NAMES:
+        close(lean.row_stats[name], full.row_stats[name])
+    close(lean.received, full.received)
+    assert Detectors(["previous_token"]).fit(lean).mean_["previous_token"].shape == (model.n_layers, model.n_heads)
+    with pytest.raises(InputError, match="detectors=True"):
+        Detectors(["induction"]).fit(lean)
