@@ -4,7 +4,7 @@ One C loop per tile forms ``p = exp(t)`` once and accumulates the row max, ``Σ 
 moment, the row mass and the per-key column sums, instead of six torch ops that each stream the
 tile through memory (about 4x less time per logit on the CPU; ``docs/performance.md``). It is
 built with the system C compiler (``$CC`` or ``cc``/``gcc``) into a per-user cache keyed by the
-source, the flags and the compiler, and called through ``ctypes`` (which releases the GIL, so the
+source, the flags, the compiler and the CPU's features, and called through ``ctypes`` (which releases the GIL, so the
 query-block thread pool runs it in parallel). Without a compiler, or with
 ``WORKBENCH_CPU_FUSED=0``, :func:`tile_stats` returns None and the exact pass uses torch ops.
 """
@@ -46,10 +46,22 @@ def _cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"attention-workbench-kernels-{uid}"
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), so a ``-march=native`` build is never reused on another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _build(cc: str) -> Path:
-    """Compile the source once per (source, flags, compiler); the library is written atomically."""
+    """Compile the source once per (source, flags, compiler, CPU); the library is written atomically."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *LIBS, cc, version]).encode()).hexdigest()[:16]
+    parts = [SOURCE.read_text(), *FLAGS, *LIBS, cc, version, _cpu_flags()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tile_stats-{key}.so"
     if target.exists():
         return target

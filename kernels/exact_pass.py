@@ -201,7 +201,7 @@ class _Pass:
         bound = (qnorm.unsqueeze(-1) * kmax.unsqueeze(1) + lse_b.unsqueeze(-1)).amax(dim=(0, 1))
         return (bound > -EXP_FLOOR).tolist()
 
-    def _tile_torch(self, t: torch.Tensor, scratch: threading.local, block: "_Block", acc: "_RowSums",
+    def _tile_torch(self, t: torch.Tensor, scratch: threading.local, block: _Block, acc: _RowSums,
                     j0: int, j1: int, kind: str, clamp: bool) -> None:
         """One tile in torch ops (any device): p = exp(t), masked, then the row and column sums."""
         d = self.d
@@ -230,7 +230,7 @@ class _Pass:
                 acc.mass_left += p.sum(-1)
         acc.plogp += t.mul_(p).sum(-1)
 
-    def _tile_fused(self, t: torch.Tensor, scratch: threading.local, block: "_Block", acc: "_RowSums",
+    def _tile_fused(self, t: torch.Tensor, scratch: threading.local, block: _Block, acc: _RowSums,
                     j0: int, j1: int, kind: str) -> None:
         """One tile in the compiled C loop (CPU): the same sums, one pass over the logits."""
         d = self.d

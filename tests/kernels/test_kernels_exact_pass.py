@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    CASES,
+    assert_stats_match,
+    assert_within_precision,
+    make_inputs,
+    truth_and_baseline,
+)
 
-from conftest import CASES, assert_stats_match, assert_within_precision, make_inputs, truth_and_baseline
 from kernels import STAT_NAMES, attention_with_stats, cpu_fused, received_mass
 from kernels.exact_pass import exact_stats
 from kernels.reference import reference_received_mass
@@ -87,7 +93,7 @@ def test_peaked_logits_need_the_exp_floor(epilogue):
 
 
 def test_auto_picks_sdpa_recompute_on_cpu_fp32_and_chunked_otherwise():
-    q, k, v, mask, causal = make_inputs("gqa-causal-pad")
+    q, k, v, mask, _ = make_inputs("gqa-causal-pad")
     auto = attention_with_stats(q, k, v, key_padding_mask=mask, received=True)
     explicit = attention_with_stats(q, k, v, key_padding_mask=mask, received=True, backend="sdpa_recompute")
     for name in STAT_NAMES:
@@ -97,7 +103,7 @@ def test_auto_picks_sdpa_recompute_on_cpu_fp32_and_chunked_otherwise():
     qh, kh, vh = (x.bfloat16() for x in (q, k, v))
     assert torch.equal(attention_with_stats(qh, kh, vh, key_padding_mask=mask).lse,
                        attention_with_stats(qh, kh, vh, key_padding_mask=mask, backend="chunked").lse)
-    q2, k2, v2, mask2, _ = make_inputs("mha-causal-short-q")
+    q2, k2, v2, _, _ = make_inputs("mha-causal-short-q")
     assert torch.equal(attention_with_stats(q2, k2, v2).lse, attention_with_stats(q2, k2, v2, backend="chunked").lse)
 
 
