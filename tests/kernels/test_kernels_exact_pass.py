@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    CASES,
-    assert_stats_match,
-    assert_within_precision,
-    make_inputs,
-    truth_and_baseline,
-)
 
+from conftest import CASES, assert_stats_match, assert_within_precision, make_inputs, truth_and_baseline
 from kernels import STAT_NAMES, attention_with_stats, cpu_fused, received_mass
 from kernels.exact_pass import exact_stats
 from kernels.reference import reference_received_mass
