@@ -75,6 +75,17 @@ def _chunks(start: int, stop: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(stop, a + size)) for a in range(start, stop, size)]
 
 
+def key_tiles(p0: int, p1: int, len_k: int, block_k: int, causal: bool) -> list[tuple[int, int, str]]:
+    """Key tiles ``(j0, j1, kind)`` of the query block at positions ``[p0, p1)``: ``"left"`` tiles of
+    ``block_k`` keys before it, the square ``"diag"`` tile at its own positions, and (bidirectional
+    only) ``"right"`` tiles after it."""
+    tiles = [(a, b, "left") for a, b in _chunks(0, p0, block_k)]
+    tiles.append((p0, p1, "diag"))
+    if not causal:
+        tiles += [(a, b, "right") for a, b in _chunks(p1, len_k, block_k)]
+    return tiles
+
+
 class _Forward:
     """State shared by all query blocks of one chunked forward call."""
 
@@ -143,12 +154,6 @@ class _Forward:
         return local
 
     # ---- tiles -------------------------------------------------------------------------------
-    def _tiles(self, p0: int, p1: int) -> list[tuple[int, int, str]]:
-        tiles = [(a, b, "left") for a, b in _chunks(0, p0, self.bk)]
-        tiles.append((p0, p1, "diag"))
-        if not self.causal:
-            tiles += [(a, b, "right") for a, b in _chunks(p1, self.d.len_k, self.bk)]
-        return tiles
 
     def _masked_logits(
         self, qb: torch.Tensor, i0: int, i1: int, j0: int, j1: int, kind: str
@@ -221,7 +226,7 @@ class _Forward:
             "rel": rel,
             "may_underflow": bool(2.0 * reach > -EXP_FLOOR),
         }
-        for j0, j1, kind in self._tiles(p0, p1):
+        for j0, j1, kind in key_tiles(p0, p1, self.d.len_k, self.bk, self.causal):
             self._tile(st, qb, i0, i1, j0, j1, kind)
 
         cnt = self.counts[..., i0:i1]  # [B, Hkv, G, n]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu_fused, masks
-from .chunked import EXP_FLOOR, _chunks, _view
+from .chunked import EXP_FLOOR, _view, key_tiles
 from .parallel import run_blocks, worker_count
 from .types import STAT_NAMES, stats_from_stacked
 from .validation import (
@@ -148,13 +148,6 @@ class _Pass:
                     self.columns.append(local.col)
         return local
 
-    def _tiles(self, p0: int, p1: int) -> list[tuple[int, int, str]]:
-        tiles = [(a, b, "left") for a, b in _chunks(0, p0, self.bk)]
-        tiles.append((p0, p1, "diag"))
-        if not self.causal:
-            tiles += [(a, b, "right") for a, b in _chunks(p1, self.d.len_k, self.bk)]
-        return tiles
-
     def run_block(self, i0: int, i1: int) -> None:
         d, dev = self.d, self.kaug.device
         G, D = d.group, d.head_dim
@@ -166,7 +159,7 @@ class _Pass:
         lse_b = self.lse[..., i0:i1].reshape(bh, rows)
         qaug = torch.cat([qb, -lse_b.unsqueeze(-1)], dim=-1)  # q·k - lse in the matmul
         live = self.live[..., i0:i1]
-        tiles = self._tiles(p0, p1)
+        tiles = key_tiles(p0, p1, d.len_k, self.bk, self.causal)
         acc = _RowSums(bh, rows, dev)
         block = _Block(n=n, c=c, live=live, all_live=self.all_live or bool(live.all()),
                        jrel=self.jpos - c,  # j - c: small next to the positions, so the moments keep their precision
