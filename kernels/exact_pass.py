@@ -75,7 +75,6 @@ class _Block:
     """Per-query-block values shared by its tiles."""
 
     n: int  # query rows per head
-    c: int  # the block's last position
     live: torch.Tensor  # bool [B, Hkv, G, n]: rows that see a key
     all_live: bool
     jrel: torch.Tensor  # [Nk] j - c
@@ -161,7 +160,7 @@ class _Pass:
         live = self.live[..., i0:i1]
         tiles = key_tiles(p0, p1, d.len_k, self.bk, self.causal)
         acc = _RowSums(bh, rows, dev)
-        block = _Block(n=n, c=c, live=live, all_live=self.all_live or bool(live.all()),
+        block = _Block(n=n, live=live, all_live=self.all_live or bool(live.all()),
                        jrel=self.jpos - c,  # j - c: small next to the positions, so the moments keep their precision
                        relrow=torch.arange(p0, p1, device=dev, dtype=torch.float32) - c)  # p_r - c
         if self.fused is None:

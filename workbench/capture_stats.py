@@ -7,8 +7,7 @@ received mass; on the CPU: PyTorch's fused SDPA kernel for out + LSE, then one e
 recorder keeps, for the selected layers and heads only:
 
 - the METRICS §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
-- received mass per key (``AttentionStats.received``; a second pass with the saved LSE when the
-  attention function did not compute it);
+- received mass per key (``AttentionStats.received``, computed in the same attention call);
 - the detector rows ``induction_mass`` / ``duplicate_mass``, gathered exactly at their target
   pairs from q, k and the LSE (:func:`workbench.recompute.detector_rows_from_qk`);
 - with ``keep_qk``: ``q.L [B, H_sel, N, d]``, ``k.L [B, Hkv, N, d]``, ``lse.L [B, H_sel, N]`` fp32
@@ -85,9 +84,10 @@ class StatsRecorder:
         li = self.layer_pos.get(call.layer)
         if li is None:
             return
-        if result.stats is None:
-            raise WorkbenchError("the attention function returned no statistics: stats capture needs "
-                                 "kernels.attention_with_stats (or a function returning its AttentionStats)")
+        if result.stats is None or getattr(result, "received", None) is None:
+            raise WorkbenchError("the attention function returned no statistics or received mass: stats capture "
+                                 "needs kernels.attention_with_stats(..., received=True) (or a function returning "
+                                 "its AttentionStats)")
         chunk, rows = self.chunk, self.rows
         width = chunk.tokens.shape[1]
         if call.query.shape[2] != width or call.key.shape[2] != width:
@@ -99,7 +99,7 @@ class StatsRecorder:
             self.row_stats[name][rows, li, :, :width] = value.masked_fill(~real, 0.0).cpu()
         q, k, lse = self._selected(call, result)
         self.scale[li] = call.scale
-        self._received(li, q, k, lse, call, result)
+        self._received(li, result)
         if self.detectors:
             self._detectors(li, q, k, lse, call.scale)
         if self.keep_qk:
@@ -120,19 +120,11 @@ class StatsRecorder:
         k = call.key[:, self.kv_of_head].float()
         return q, k, result.lse[:, self.heads].float()
 
-    def _received(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, call: AttentionCall,
-                  result) -> None:
-        """Received mass of the selected heads: from the attention call when it computed it
-        (``attention_with_stats(..., received=True)``), else a second pass with the saved LSE."""
-        raw, norm = getattr(result, "received", None), getattr(result, "received_normalized", None)
-        if raw is not None and norm is not None:
-            if not self.all_heads:
-                raw, norm = raw[:, self.heads], norm[:, self.heads]
-        else:
-            from kernels import received_mass
-
-            raw, norm = received_mass(q, k, lse, causal=call.causal, key_padding_mask=call.key_padding_mask,
-                                      scale=call.scale)
+    def _received(self, li: int, result) -> None:
+        """Received mass of the selected heads, computed in the attention call (``received=True``)."""
+        raw, norm = result.received, result.received_normalized
+        if not self.all_heads:
+            raw, norm = raw[:, self.heads], norm[:, self.heads]
         width = raw.shape[-1]
         self.received[self.rows, li, :, :width] = raw.float().cpu()
         self.received_normalized[self.rows, li, :, :width] = norm.float().cpu()
