@@ -1,32 +1,36 @@
-"""The analysis service shared by the CLI and the app: model + dataset + probes -> head table."""
+"""The batch job behind ``workbench analyze``: check every cheap input, load, run the one pipeline.
+
+Everything that needs no model (probe and metric names, probe parameters, the dataset source,
+numbers, the intervention text, device, dtype, the output folder) is checked before the model
+loads; the analysis itself is :func:`probes.pipeline.analyze`, the same call the app and the
+notebook make.
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import pandas as pd
-import torch
 
-from probes.base import concat_frames
-from probes.registry import parse_probes, split_metrics
-from workbench.capture import Capture, capture
-from workbench.data import load_dataset
-from workbench.model import load_model
+from workbench.errors import InputError
 
 
 @dataclass
 class AnalysisRequest:
-    """Everything one analysis needs (validated by :func:`run_analysis` before any work)."""
+    """Everything one analysis needs (validated by :func:`check_request` before any work)."""
 
     model: str
     dataset: str
     probes: str = "stats,detectors"
     metrics: str | None = None
-    mode: str = "patterns"
+    mode: str = "auto"
     layers: list[int] | None = None
     heads: list[int] | None = None
     n: int | None = None
@@ -34,6 +38,10 @@ class AnalysisRequest:
     seed: int = 0
     batch_size: int = 8
     progress: bool = True
+    interventions: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    out: Path | None = None
 
 
 @dataclass
@@ -41,7 +49,7 @@ class AnalysisResult:
     heads: pd.DataFrame
     manifest: dict
     probes: dict = field(default_factory=dict)
-    capture: Capture | None = None
+    capture: object | None = None
 
 
 def versions() -> dict[str, str]:
@@ -55,39 +63,82 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _positive(name: str, value, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_output(out: Path) -> None:
+    """The run folder can be written: its parent exists (or can be made) and is writable."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is an existing file, not a run folder: pass another path")
+    existing = out.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    try:  # a real write test: permissions alone do not tell (read-only mounts, /proc)
+        probe = tempfile.mkdtemp(prefix=".workbench-write-test-", dir=existing)
+        os.rmdir(probe)
+    except OSError as err:
+        raise InputError(f"cannot write the run folder {out}: {existing} is not writable ({err.strerror}); "
+                         "pass --out somewhere you can write") from None
+
+
+def check_request(req: AnalysisRequest):
+    """Validate every input that needs no model; returns ``(probes, interventions, device, dtype)``."""
+    from probes.pipeline import build_probes
+    from workbench.data import dataset_source
+    from workbench.devices import parse_device, parse_dtype
+    from workbench.interventions import as_intervention_set
+
+    if req.mode not in ("auto", "patterns", "stats"):
+        raise InputError(f"unknown mode '{req.mode}': use auto, patterns or stats")
+    for name, value in (("--n", req.n), ("--seq-len", req.seq_len), ("--batch-size", req.batch_size)):
+        _positive(name, value)
+    for name, values in (("--layers", req.layers), ("--heads", req.heads)):
+        if values is not None and any(v < 0 for v in values):
+            raise InputError(f"{name} takes indices >= 0, got {values}")
+    probes = build_probes(req.probes, req.metrics, layers=req.layers, heads=req.heads)
+    dataset_source(req.dataset)
+    spec = as_intervention_set(req.interventions)
+    device, dtype = parse_device(req.device), parse_dtype(req.dtype)
+    if req.out is not None:
+        check_output(req.out)
+    return probes, spec, device, dtype
+
+
 def run_analysis(req: AnalysisRequest) -> AnalysisResult:
-    """Run the requested probes; every input is checked before the expensive work."""
-    probe_classes = parse_probes(req.probes)
-    metric_split = split_metrics(probe_classes, req.metrics)
-    probes = {cls.name: cls(metric_split.get(cls.name)) for cls in probe_classes
-              if req.metrics is None or cls.name in metric_split}
+    """Run the requested probes through the one pipeline; every cheap input is checked first."""
+    import torch
+
+    from probes.pipeline import analyze
+    from workbench.data import load_dataset
+    from workbench.model import load_model
+
+    probes, spec, device, dtype = check_request(req)
     timings: dict[str, float] = {}
     torch.manual_seed(req.seed)
     start = time.perf_counter()
-    model = load_model(req.model)
+    model = load_model(req.model, device=device, dtype=dtype)
     timings["load_model_s"] = time.perf_counter() - start
     layers, heads = model.check_heads(req.layers, req.heads)
     start = time.perf_counter()
     batch = load_dataset(req.dataset, model, n=req.n, seq_len=req.seq_len, seed=req.seed)
     timings["load_dataset_s"] = time.perf_counter() - start
-    cap = None
-    if any(p.needs_capture for p in probes.values()):
-        start = time.perf_counter()
-        cap = capture(model, batch, layers=layers, heads=heads, mode=req.mode, batch_size=req.batch_size,
-                      progress=req.progress, detectors="detectors" in probes)
-        timings["capture_s"] = time.perf_counter() - start
-    for name, probe in probes.items():
-        start = time.perf_counter()
-        probe.fit_run(model, batch, cap)
-        timings[f"probe_{name}_s"] = time.perf_counter() - start
-    frame = concat_frames([p.to_frame() for p in probes.values()])
-    frame = frame[frame["layer"].isin(layers) & frame["head"].isin(heads)].reset_index(drop=True)
+    if spec.reference is None and any(i.kind in ("mean", "resample") for i in spec):
+        spec = spec.with_reference(batch)  # mean / resample ablations use the dataset itself
+    result = analyze(model, batch, probes=list(probes.values()), mode=req.mode, layers=layers, heads=heads,
+                     interventions=spec if len(spec) else None, batch_size=req.batch_size, progress=req.progress)
+    timings |= result.timings
+    frame = result.table
     manifest = {
         "model": req.model, "model_folder": str(model.folder), "dataset": req.dataset,
-        "probes": list(probes), "metrics": sorted(frame["metric"].unique().tolist()),
-        "mode": req.mode, "seed": req.seed, "n_samples": len(batch),
+        "probes": list(result.probes), "metrics": sorted(frame["metric"].unique().tolist()),
+        "mode": result.mode or req.mode, "seed": req.seed, "n_samples": len(batch),
         "seq_lengths": batch.lengths.tolist(), "layers": layers, "heads": heads,
+        "interventions": spec.text, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "versions": versions(), "timings": {k: round(v, 3) for k, v in timings.items()},
         "command": " ".join(sys.argv),
     }
-    return AnalysisResult(frame, manifest, probes, cap)
+    return AnalysisResult(frame, manifest, result.probes, result.capture)

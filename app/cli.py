@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--dataset", default="induction", help="bundled name or a .txt/.jsonl path")
     an.add_argument("--probes", default="stats,detectors")
     an.add_argument("--metrics", default=None, help="comma-separated subset of the probes' metrics")
-    an.add_argument("--mode", default="patterns", choices=["patterns", "stats"])
+    an.add_argument("--mode", default="auto", choices=["auto", "patterns", "stats"],
+                    help="capture mode: auto = patterns up to 512 tokens, stats (no [q,k] map) above")
     an.add_argument("--layers", type=_int_list, default=None)
     an.add_argument("--heads", type=_int_list, default=None)
     an.add_argument("--n", type=int, default=None, help="number of sequences")
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--batch-size", type=int, default=8)
     an.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL-DATASET)")
+    an.add_argument("--interventions", default=None,
+                    help='active during the capture, e.g. "L17H5:softpag=0.5, L18H6:scale=2" (mean/resample use the dataset)')
+    an.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    an.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     an.add_argument("--top", type=int, default=5, help="top heads printed per detector")
     an.add_argument("--no-progress", action="store_true")
 
@@ -61,6 +66,13 @@ def cmd_models(args) -> int:
             state = "cached" if is_cached(spec) else "not pulled"
             print(f"{spec.name:14s} {state:11s} {spec.description}")
         return 0
+    from workbench.hub import is_hub_id
+
+    if is_hub_id(args.name) and not Path(args.name).expanduser().exists():
+        from workbench.hub import resolve_hub_model
+
+        print(resolve_hub_model(args.name))  # into the standard Hugging Face cache
+        return 0
     spec = resolve_spec(args.name)
     if isinstance(spec, Path):
         raise WorkbenchError(f"'{args.name}' is a local folder, not a registry name: it needs no pull")
@@ -70,15 +82,17 @@ def cmd_models(args) -> int:
 
 def cmd_analyze(args) -> int:
     from app.analysis import AnalysisRequest, run_analysis
-    from app.report import build_report
-    from workbench.runstore import write_run
 
+    out = args.out or Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).stem}"
     req = AnalysisRequest(model=args.model, dataset=args.dataset, probes=args.probes, metrics=args.metrics,
                           mode=args.mode, layers=args.layers, heads=args.heads, n=args.n,
                           seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, interventions=args.interventions,
+                          device=args.device, dtype=args.dtype, out=out)
     result = run_analysis(req)
-    out = args.out or Path("runs") / f"{Path(args.model).name}-{Path(args.dataset).stem}"
+    from app.report import build_report
+    from workbench.runstore import write_run
+
     write_run(out, result.heads, result.manifest, build_report(result.heads, result.manifest))
     detectors = result.heads[result.heads["probe"] == "detectors"]
     for metric, rows in detectors.groupby("metric", sort=False):

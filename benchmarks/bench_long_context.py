@@ -24,6 +24,24 @@ Usage::
 
 Input: the bundled calibration + held-out text, tokenized and tiled to each length (lengths past
 the model's context window are fine for timing; their statistics are not meaningful).
+
+``--whole-process`` measures whole processes instead, as users run them: for each length, ``--repeats``
+(default 3) interleaved pairs of
+
+- reference: ``/usr/bin/time -v python benchmarks/sdpa_forward_process.py --folder F --seq-len N``
+  (import, load with plain transformers/SDPA, ONE forward with ``logits_to_keep=1``, exit);
+- workbench: ``/usr/bin/time -v workbench analyze --model M --dataset calibration --seq-len N --n 1
+  --mode stats --probes stats --no-progress --out TMP/run`` (the whole CLI run, writing included),
+
+both on the same input ids (sample 0 of the packed calibration set; ``--check-ids`` verifies that
+against ``workbench.load_dataset``) and the same environment (threads: torch's default in both, or
+``--threads T`` exported as ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` to both). From ``time -v``: CPU s =
+user + sys, wall = "Elapsed (wall clock) time", peak = "Maximum resident set size". The table shows
+medians over the pairs; the ratios are medians of the per-pair workbench/reference ratios (so a
+load swing hitting one pair moves one sample, not the medians of both sides separately)::
+
+    python benchmarks/bench_long_context.py --whole-process --lengths 512,2048 --repeats 3 --json wp.jsonl
+    python benchmarks/bench_long_context.py --whole-process --table-from wp.jsonl   # reprint the table
 """
 
 from __future__ import annotations
@@ -32,8 +50,10 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,6 +214,127 @@ def print_table(results: list[dict], lengths: list[int], configs: list[str]) -> 
     return text
 
 
+_TIME_FIELDS = {"user_s": "User time (seconds)", "sys_s": "System time (seconds)",
+                "wall_s": "Elapsed (wall clock) time", "peak_kb": "Maximum resident set size (kbytes)"}
+
+
+def parse_time_v(text: str) -> dict:
+    """``user_s``, ``sys_s``, ``cpu_s`` (their sum), ``wall_s`` and ``peak_gb`` from ``/usr/bin/time -v``."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.strip().rpartition(": ")
+        for key, label in _TIME_FIELDS.items():
+            if name.startswith(label):
+                if key == "wall_s":  # h:mm:ss or m:ss.ss
+                    out[key] = sum(float(p) * 60**i for i, p in enumerate(reversed(value.split(":"))))
+                else:
+                    out[key] = float(value)
+    missing = [k for k in _TIME_FIELDS if k not in out]
+    if missing:
+        raise ValueError(f"/usr/bin/time -v output lacks {missing}")
+    out["cpu_s"] = round(out["user_s"] + out["sys_s"], 2)
+    out["peak_gb"] = round(out.pop("peak_kb") / 1024**2, 4)
+    return out
+
+
+def run_timed(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v`` (report to a file, so the child's stderr cannot mix in)."""
+    with tempfile.TemporaryDirectory(prefix="bench-time-") as tmp:
+        report = Path(tmp) / "time.txt"
+        try:
+            proc = subprocess.run(["/usr/bin/time", "-v", "-o", str(report), *cmd], capture_output=True,
+                                  text=True, cwd=REPO, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            return {"error": f"rc {proc.returncode}: {tail}"}
+        return parse_time_v(report.read_text())
+
+
+def whole_process_commands(model_name: str, folder: Path, length: int, out_dir: Path) -> dict[str, list[str]]:
+    """The two commands of one pair (without the ``time -v`` prefix)."""
+    bindir = Path(sys.executable).parent
+    return {
+        "reference": [sys.executable, str(REPO / "benchmarks" / "sdpa_forward_process.py"),
+                      "--folder", str(folder), "--seq-len", str(length)],
+        "workbench": [str(bindir / "workbench"), "analyze", "--model", model_name, "--dataset", "calibration",
+                      "--seq-len", str(length), "--n", "1", "--mode", "stats", "--probes", "stats",
+                      "--no-progress", "--out", str(out_dir / "run")],
+    }
+
+
+def check_ids(model_name: str, folder: Path, lengths: list[int]) -> None:
+    """Fail unless the reference's ids equal ``workbench.load_dataset("calibration", ...)`` sample 0."""
+    import workbench as wb
+
+    model = wb.load_model(model_name)
+    for n in lengths:
+        batch = wb.load_dataset("calibration", model, n=1, seq_len=n)
+        ours = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sdpa_forward_process.py"), "--folder",
+                               str(folder), "--seq-len", str(n), "--print-ids"], capture_output=True, text=True,
+                              check=True).stdout
+        if batch.tokens[0][batch.mask[0]].tolist() != json.loads(ours):
+            raise SystemExit(f"reference ids differ from workbench.load_dataset at seq_len {n}")
+        print(f"# ids identical at {n} tokens", flush=True)
+
+
+def whole_process(model_name: str, lengths: list[int], repeats: int, threads: int | None, timeout: float,
+                  json_path: Path | None, verbose: bool) -> list[dict]:
+    """Interleaved reference/workbench pairs per length; prints the median table, returns the raw rows."""
+    folder = _folder(model_name)
+    env = dict(os.environ)
+    if threads:  # the same for both children
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    rows = []
+    for n in lengths:
+        for pair in range(repeats):
+            with tempfile.TemporaryDirectory(prefix="bench-wp-") as tmp:
+                for side, cmd in whole_process_commands(model_name, folder, n, Path(tmp)).items():
+                    row = {"side": side, "length": n, "pair": pair, "load_avg_1min": os.getloadavg()[0],
+                           "threads_env": env.get("OMP_NUM_THREADS"), **run_timed(cmd, env, timeout)}
+                    rows.append(row)
+                    if verbose:
+                        print(json.dumps(row), flush=True)
+                    if json_path:
+                        with json_path.open("a") as fh:
+                            fh.write(json.dumps(row) + "\n")
+    print()
+    print_whole_process_table(rows, lengths)
+    return rows
+
+
+def print_whole_process_table(rows: list[dict], lengths: list[int]) -> str:
+    """Markdown table of medians; ratios are medians of per-pair workbench/reference ratios."""
+    head = ["tokens", "pairs", "ref CPU s", "wb CPU s", "CPU ratio", "ref wall s", "wb wall s", "wall ratio",
+            "ref peak GB", "wb peak GB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = [f"- {r['side']} @ {r['length']} pair {r['pair']}: {r['error']}" for r in rows if "error" in r]
+    for n in lengths:
+        by_pair: dict[int, dict] = {}
+        for r in rows:
+            if r["length"] == n and "error" not in r:
+                by_pair.setdefault(r["pair"], {})[r["side"]] = r
+        pairs = [p for p in by_pair.values() if len(p) == 2]
+        if not pairs:
+            lines.append(f"| {n} | 0 |" + " - |" * (len(head) - 2))
+            continue
+
+        def med(side, key):
+            return statistics.median(p[side][key] for p in pairs)
+
+        def ratio(key):
+            return statistics.median(p["workbench"][key] / p["reference"][key] for p in pairs)
+
+        cells = [str(n), str(len(pairs)), f"{med('reference', 'cpu_s'):.1f}", f"{med('workbench', 'cpu_s'):.1f}",
+                 f"{ratio('cpu_s'):.2f}x", f"{med('reference', 'wall_s'):.1f}", f"{med('workbench', 'wall_s'):.1f}",
+                 f"{ratio('wall_s'):.2f}x", f"{med('reference', 'peak_gb'):.2f}", f"{med('workbench', 'peak_gb'):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines + ([""] + notes if notes else []))
+    print(text, flush=True)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -202,15 +343,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="subset of %(default)s")
     parser.add_argument("--skip-bridge-above", type=int, default=None,
                         help="never run the all-patterns bridge above this many tokens")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (best wall time kept)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per configuration, best wall time kept (default 1); with --whole-process: "
+                        "interleaved reference/workbench pairs per length, medians kept (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per configuration")
     parser.add_argument("--json", type=Path, default=None, help="also append every measurement here (JSON lines)")
     parser.add_argument("--table-from", type=Path, default=None,
                         help="print the table of a --json file (no runs) and exit")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time whole processes: plain-transformers reference vs `workbench analyze`")
+    parser.add_argument("--check-ids", action="store_true",
+                        help="with --whole-process: first verify both sides get the same token ids")
+    parser.add_argument("--verbose", action="store_true", help="with --whole-process: print every run's row")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if args.whole_process:
+        if args.table_from:
+            rows = [json.loads(line) for line in args.table_from.read_text().splitlines() if line.strip()]
+            print_whole_process_table(rows, sorted({r["length"] for r in rows}))
+            return
+        if args.check_ids:
+            check_ids(args.model, _folder(args.model), lengths)
+        print(f"# whole processes, {args.model} on {os.cpu_count()} CPU cores; lengths {lengths}", flush=True)
+        whole_process(args.model, lengths, args.repeats or 3, args.threads, args.timeout, args.json, args.verbose)
+        return
+    args.repeats = args.repeats or 1
     if args.child:
         print(json.dumps(run_child(args.child, args.model, lengths[0], args.repeats, args.threads)), flush=True)
         return

@@ -173,7 +173,7 @@ def main() -> None:
     else:
         start = time.perf_counter()
         probe = HeSS(n_calibration=args.n_calibration, seq_len=args.hess_len,
-                     copy_seq_len=args.hess_len + 1).fit(model)
+                     copy_seq_len=args.hess_len + 1).fit(model=model)
         timings["hess_s"] = time.perf_counter() - start
         frame = probe.to_frame()
         frame.to_csv(out / "hess_heads.csv", index=False)

@@ -1,15 +1,30 @@
 """Probe base class (scikit-learn style) and the tidy-table helpers every probe shares.
 
-Configuration goes in ``__init__``; ``fit(...)`` returns ``self``; fitted results live in
-attributes ending in ``_``; ``to_frame()`` returns the tidy table with columns
-``layer, head, probe, metric, value, ci_low, ci_high`` (one row per layer, head, metric).
+One protocol for every probe::
+
+    probe = Cls(metrics=None, *, layers=None, heads=None, **settings)   # stores its arguments
+    probe.fit(capture=None, *, model=None, batch=None) -> probe          # computes
+    probe.to_frame()                                                     # tidy per-head table
+
+- ``__init__`` only stores its arguments, each under its own name (:meth:`Probe.get_params`
+  returns exactly them); it validates nothing and derives nothing.
+- ``fit`` first calls :meth:`Probe.check_inputs` (the class attributes ``needs_capture``,
+  ``needs_model``, ``needs_batch`` say what it needs), then :meth:`Probe.check_params`
+  (the settings; a pipeline may call it early to fail before any expensive work). It returns
+  ``self``; fitted results live in attributes ending in ``_``.
+- ``to_frame()`` returns the tidy table with columns :data:`FRAME_COLUMNS`
+  (``layer, head, probe, metric, value, ci_low, ci_high``; one row per layer, head, metric);
+  before ``fit`` it raises :class:`WorkbenchError`.
+- ``layers``/``heads`` restrict what a model-based probe computes or reports; a capture-based
+  probe stores them but reads the subset the capture already holds.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,30 +37,100 @@ FRAME_COLUMNS = ["layer", "head", "probe", "metric", "value", "ci_low", "ci_high
 
 
 class Probe(ABC):
-    """A per-head analyser.
+    """A per-head analyser (see the module docstring for the protocol).
 
     Class attributes:
         name: the probe's name on the command line (``--probes NAME``).
-        metrics: every metric name it can produce.
-        needs_capture: True when ``fit`` reads a :class:`workbench.capture.Capture`; False when
-            it runs the model itself (importance, VHD, HeSS).
+        metrics: every metric name it can produce (an instance's ``metrics`` is its constructor
+            argument, the requested subset or None; ``metrics_`` after ``fit`` is what it computed).
+        needs_capture: ``fit`` reads a :class:`workbench.capture.Capture` (``fit(capture)``).
+        needs_model: ``fit`` needs the :class:`workbench.model.HookedModel` (``model=``).
+        needs_batch: ``fit`` needs the :class:`workbench.batch.TokenBatch` (``batch=``).
     """
 
     name: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
     needs_capture: ClassVar[bool] = True
+    needs_model: ClassVar[bool] = False
+    needs_batch: ClassVar[bool] = False
 
     @abstractmethod
-    def fit(self, *args, **kwargs) -> "Probe":
+    def fit(self, capture=None, *, model=None, batch=None) -> "Probe":
         """Compute the scores; returns ``self``."""
 
-    def fit_run(self, model, batch, capture) -> "Probe":
-        """Entry point used by the batch CLI and the app: fit from what a run has."""
-        return self.fit(capture)
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name != "self"
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
 
-    @abstractmethod
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments, as given (scikit-learn's ``get_params``)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> "Probe":
+        """Change constructor arguments (validated by the next ``fit``); returns ``self``."""
+        valid = self._param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise InputError(f"{type(self).__name__} has no parameter '{key}': use one of {', '.join(valid)}")
+            setattr(self, key, value)
+        return self
+
+    def check_params(self) -> None:
+        """Validate the constructor arguments (``fit`` calls it; so may a pipeline, early).
+
+        Raises:
+            InputError: a bad setting, naming it and the fix.
+        """
+        self.check_metrics(self.metrics)
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(self, capture=None, model=None, batch=None) -> None:
+        """Check that ``fit`` got what this probe needs (``needs_*``); one-line errors.
+
+        Raises:
+            InputError: a needed input is missing, or the model was passed where the capture goes,
+                or the capture was made with another model.
+        """
+        from workbench.capture import Capture
+        from workbench.model import HookedModel
+
+        who = f"the {self.name} probe"
+        if isinstance(capture, HookedModel):
+            raise InputError(f"{who} got the model as its first argument, which is the capture: "
+                             f"call fit(capture, model=model, batch=batch) (or fit(model=model, batch=batch))")
+        if capture is not None and not isinstance(capture, Capture):
+            raise InputError(f"{who} got a {type(capture).__name__} as its capture: pass a "
+                             "workbench.capture.Capture (capture = workbench.capture(model, batch))")
+        if self.needs_capture and capture is None:
+            raise InputError(f"{who} needs a capture: call fit(capture) with capture = workbench.capture(model, batch)")
+        if self.needs_model and model is None:
+            raise InputError(f"{who} needs the model: call fit(..., model=model)")
+        if self.needs_batch and batch is None:
+            raise InputError(f"{who} needs the batch: call fit(..., batch=batch) with the TokenBatch to analyse")
+        if capture is not None and model is not None and getattr(model, "name", None) != capture.model_name:
+            raise InputError(f"the capture comes from '{capture.model_name}', not '{model.name}': "
+                             "pass the model the capture was made with")
+
+    # ------------------------------------------------------------------ output
     def to_frame(self) -> pd.DataFrame:
-        """The tidy per-head table (see module docstring)."""
+        """The tidy per-head table (see module docstring): one block per computed metric."""
+        self._check_fitted("mean_")
+        return concat_frames([
+            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
+            for m in self.metrics_ if m in self.mean_
+        ])
+
+    def check_run(self, model, batch) -> None:
+        """Cheap checks of what a run on ``model`` and ``batch`` needs, before any forward
+        (the pipeline calls it for every probe first). Override to add a probe's own needs.
+
+        Raises:
+            InputError: the run cannot succeed (names the problem and the fix).
+        """
+        self.check_params()
 
     def _check_fitted(self, attribute: str) -> None:
         if not hasattr(self, attribute):

@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 
-from probes.base import Probe, concat_frames, head_table, masked_row_mean, mean_and_ci
+from probes.base import Probe, masked_row_mean, mean_and_ci
+from workbench.batch import TokenBatch
 from workbench.capture import Capture
 from workbench.errors import InputError
+from workbench.model import HookedModel
 
 DetectorName = Literal["previous_token", "induction", "duplicate_token"]
 _ROW_SOURCE = {"previous_token": "prev_token_mass", "induction": "induction_mass",
@@ -30,7 +31,12 @@ _ROW_SOURCE = {"previous_token": "prev_token_mass", "induction": "induction_mass
 class Detectors(Probe):
     """Previous-token, induction and duplicate-token scores per head, 95% interval over samples.
 
+    Args:
+        metrics: subset of :attr:`metrics` (default all).
+        layers, heads: stored only (the capture holds the subset).
+
     Attributes (after ``fit``):
+        metrics_: the detectors computed.
         per_sample_: detector -> ``[S, L, H]`` (NaN for samples where it is undefined).
         mean_, ci_low_, ci_high_: detector -> ``[L, H]``.
         layers_, heads_: captured indices.
@@ -39,13 +45,21 @@ class Detectors(Probe):
     name: ClassVar[str] = "detectors"
     metrics: ClassVar[tuple[str, ...]] = tuple(_ROW_SOURCE)
 
-    def __init__(self, detectors: Sequence[DetectorName] | None = None) -> None:
-        self.metrics_selected = self.check_metrics(detectors)
+    def __init__(self, metrics: Sequence[DetectorName] | None = None, *, layers: Sequence[int] | None = None,
+                 heads: Sequence[int] | None = None) -> None:
+        self.metrics = metrics
+        self.layers, self.heads = layers, heads
 
-    def fit(self, capture: Capture) -> "Detectors":
+    def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
+            batch: TokenBatch | None = None) -> "Detectors":
+        """Scores from ``capture`` (``model``, ``batch`` and ``layers``/``heads`` are not used:
+        the capture holds the layer/head subset)."""
+        self.check_inputs(capture, model, batch)
+        self.check_params()
+        self.metrics_ = self.check_metrics(self.metrics)
         positions = torch.arange(capture.tokens.shape[1])
         self.per_sample_ = {}
-        for metric in self.metrics_selected:
+        for metric in self.metrics_:
             if _ROW_SOURCE[metric] not in capture.row_stats:
                 raise InputError(f"this capture has no {_ROW_SOURCE[metric]} rows (it was made with detectors=False): "
                                  f"capture again with detectors=True, or score only ['previous_token']")
@@ -68,10 +82,3 @@ class Detectors(Probe):
         order = np.argsort(scores.ravel())[::-1][:k]
         n_heads = len(self.heads_)
         return [(self.layers_[i // n_heads], self.heads_[i % n_heads], float(scores.ravel()[i])) for i in order]
-
-    def to_frame(self) -> pd.DataFrame:
-        self._check_fitted("mean_")
-        return concat_frames([
-            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
-            for m in self.metrics_selected
-        ])

@@ -4,10 +4,11 @@
 slice of the query projection), normalised within the layer ``HeSS_e(h) = F_e(h) / Σ_h' F_e(h')``
 and mixed ``HeSS = λ·HeSS_e1 + (1−λ)·HeSS_e2`` (λ = 0.5).
 
-How it is computed: the plain Hugging Face copy ``model.kernel_model`` is run (differentiable
-SDPA through :func:`workbench.kernel_attention.kernel_forward`, padding masked); a forward hook
-on each layer's query projection keeps its input ``X [B, N, D]`` and replaces its output ``Y``
-by ``Y + Z`` with ``Z = 0`` a leaf that requires grad; one backward of ``Σ_b e_b`` gives
+How it is computed: the one forward (:func:`workbench.forward.run`, differentiable fused SDPA,
+padding masked) runs with two TransformerLens hooks per layer on the bridged query projection
+(``blocks.L.attn.q``, or GPT-2's fused ``blocks.L.attn.qkv``): ``hook_in`` keeps its input
+``X [B, N, D]`` and ``hook_out`` replaces its output ``Y`` by ``Y + Z`` with ``Z = 0`` a leaf that
+requires grad; one backward of ``Σ_b e_b`` gives
 ``∂e_b/∂Y_b = ∂e_b/∂Z_b`` per sample and layer, all paths kept (samples never mix: the rows
 ``Y_b`` only feed sample ``b``), and the per-sample weight gradient
 of head ``h`` is ``X_bᵀ ∂e_b/∂Y_b[..., h·d:(h+1)·d]`` ``[D, d]``. No parameter ever gets a
@@ -22,13 +23,13 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 
-from probes.base import Probe, concat_frames, head_table
+from probes.base import Probe
 from workbench.batch import TokenBatch
+from workbench.capture import Capture
 from workbench.errors import InputError
-from workbench.kernel_attention import exact_attention, kernel_forward
+from workbench.forward import run
 from workbench.model import HookedModel
 
 ErrorFn = Callable[[torch.Tensor, TokenBatch], torch.Tensor]
@@ -88,92 +89,96 @@ def resolve_error(error: str | ErrorFn) -> ErrorFn:
 
 
 # ----------------------------------------------------------------------------- query sites
-def query_sites(hf_model, n_heads: int, d_head: int) -> list[tuple[torch.nn.Module, slice]]:
-    """Per layer: the module computing the queries and the slice of its output that holds them.
+def query_sites(model: HookedModel) -> list[tuple[str, torch.Tensor, slice]]:
+    """Per layer: the bridged module computing the queries (its hook-name prefix), its weight, and
+    the slice of its output features that holds the queries.
 
-    Llama-style ``q_proj`` outputs exactly the ``Hq·d`` query features (GQA: query head ``h`` owns
-    rows ``h·d:(h+1)·d`` of its weight); GPT-2's fused ``c_attn`` outputs ``[q | k | v]``, the
-    query of head ``h`` being columns ``h·d:(h+1)·d`` of its ``Conv1D`` weight.
+    Llama-style ``q_proj`` (``blocks.L.attn.q``) outputs exactly the ``Hq·d`` query features (GQA:
+    query head ``h`` owns rows ``h·d:(h+1)·d`` of its weight); GPT-2's fused ``c_attn``
+    (``blocks.L.attn.qkv``) outputs ``[q | k | v]``, the query of head ``h`` being columns
+    ``h·d:(h+1)·d`` of its ``Conv1D`` weight.
 
     Raises:
         InputError: an architecture other than the supported ones.
     """
-    model_type = getattr(hf_model.config, "model_type", "?")
-    inner = getattr(hf_model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is not None and all(hasattr(getattr(b, "self_attn", None), "q_proj") for b in layers):
-        sites = [(b.self_attn.q_proj, slice(0, n_heads * d_head)) for b in layers]
-    elif model_type == "gpt2":
-        sites = [(b.attn.c_attn, slice(0, n_heads * d_head)) for b in hf_model.transformer.h]
-    else:
-        raise InputError(f"HeSS does not support model type '{model_type}': it supports {SUPPORTED}")
+    hf = model.bridge.original_model
+    model_type = getattr(hf.config, "model_type", "?")
+    queries = slice(0, model.n_heads * model.d_head)
+    sites = []
+    for layer, block in enumerate(model.bridge.blocks):
+        attn = block.attn
+        inside = {id(m) for m in attn.original_component.modules()}
+        for name in ("q", "qkv"):
+            module = getattr(attn, name, None)
+            if module is not None and id(module) in inside:
+                sites.append((f"blocks.{layer}.attn.{name}", module.original_component.weight, queries))
+                break
+        else:
+            raise InputError(f"HeSS does not support model type '{model_type}': it supports {SUPPORTED}")
     return sites
-
 
 
 def query_fisher(model: HookedModel, batch: TokenBatch, error: ErrorFn, *, batch_size: int = 4) -> torch.Tensor:
     """Per-sample ``‖∂e/∂W_Q^h‖_F²`` for every layer and query head. Returns ``[S, L, Hq]`` float64.
 
-    Uses ``model.kernel_model``; restores every ``requires_grad`` flag and removes every hook
+    Runs the one forward with TransformerLens hooks; restores every ``requires_grad`` flag and removes every hook
     even when a forward or the error function raises. Parameters get no ``.grad``.
     """
     if not model.causal:
         raise InputError(f"{model.name} is an encoder: HeSS errors need a causal language model")
     if batch_size < 1:
         raise InputError(f"batch_size={batch_size}: use at least 1")
-    hf = model.kernel_model
-    sites = query_sites(hf, model.n_heads, model.d_head)
+    sites = query_sites(model)
     out = torch.zeros(len(batch), len(sites), model.n_heads, dtype=torch.float64)
+    params = list(model.bridge.parameters())
     with model.lock:
-        flags = {p: p.requires_grad for p in hf.parameters()}
-        was_training = hf.training
-        handles = []
+        flags = [p.requires_grad for p in params]
         try:
-            for p in flags:
+            for p in params:
                 p.requires_grad_(False)
-            hf.eval()
-            store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            for index, (module, _) in enumerate(sites):
-                handles.append(module.register_forward_hook(_leaf_hook(index, store)))
             row = 0
             for chunk in batch.chunks(batch_size):
-                store.clear()
-                out[row:row + len(chunk)] = _chunk_fisher(model, hf, chunk, error, sites, store)
+                out[row:row + len(chunk)] = _chunk_fisher(model, chunk, error, sites)
                 row += len(chunk)
         finally:
-            for handle in handles:
-                handle.remove()
-            for p, flag in flags.items():
+            for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
-            hf.train(was_training)
     return out
 
 
-def _leaf_hook(index: int, store: dict):
-    """Add a zero leaf to the projection output: its gradient is ``∂e/∂Y`` (all paths kept)."""
-    def hook(module, inputs, output):
-        leaf = torch.zeros_like(output, requires_grad=True)
-        store[index] = (inputs[0].detach(), leaf)
-        return output + leaf
-    return hook
+def _site_hooks(sites, store: dict) -> list:
+    """``hook_in`` keeps ``X``; ``hook_out`` adds a zero leaf whose gradient is ``∂e/∂Y`` (all paths kept)."""
+    hooks = []
+    for index, (prefix, _, _) in enumerate(sites):
+        def keep_input(x, hook, index=index):
+            store[("x", index)] = x.detach()
+            return x
+
+        def add_leaf(y, hook, index=index):
+            leaf = torch.zeros_like(y, requires_grad=True)
+            store[("leaf", index)] = leaf
+            return y + leaf
+        hooks += [(f"{prefix}.hook_in", keep_input), (f"{prefix}.hook_out", add_leaf)]
+    return hooks
 
 
-def _chunk_fisher(model, hf, chunk: TokenBatch, error: ErrorFn, sites, store) -> torch.Tensor:
-    device = next(hf.parameters()).device
-    tokens, mask = chunk.tokens.to(device), chunk.mask.to(device)
-    with torch.enable_grad(), kernel_forward(mask, attention=exact_attention):
-        logits = hf(input_ids=tokens, attention_mask=mask.long()).logits
+def _chunk_fisher(model: HookedModel, chunk: TokenBatch, error: ErrorFn, sites) -> torch.Tensor:
+    store: dict = {}
+    mask = chunk.mask.to(model.device)
+    logits = run(model, chunk, backend="sdpa", fwd_hooks=_site_hooks(sites, store), grad=True)
+    with torch.enable_grad():
         errors = error(logits, chunk)
         if errors.shape != (len(chunk),) or not torch.isfinite(errors).all():
             raise InputError(f"the HeSS error must return one finite value per sample, got shape "
                              f"{tuple(errors.shape)}: check the error function and the data")
-        leaves = [store[i][1] for i in range(len(sites))]
+        leaves = [store[("leaf", i)] for i in range(len(sites))]
         grads = torch.autograd.grad(errors.sum(), leaves, allow_unused=True)
     fisher = torch.zeros(len(chunk), len(sites), model.n_heads, dtype=torch.float64)
-    for layer, ((_, cols), grad) in enumerate(zip(sites, grads)):
+    for layer, ((_, _, cols), grad) in enumerate(zip(sites, grads)):
         if grad is None:
             continue
-        x = store[layer][0].double() * mask[..., None]  # [B, N, D]
+        x = store[("x", layer)].double() * mask[..., None]  # [B, N, D]
+        grad = grad.flatten(2) if grad.dim() == 4 else grad  # hook_out may show [B, N, H, d]
         dq = grad[..., cols].double().unflatten(-1, (model.n_heads, model.d_head))  # [B, N, H, d]
         per_head = torch.einsum("bnD,bnhd->bhDd", x, dq)  # per-sample weight gradient per head
         fisher[:, layer] = per_head.pow(2).sum((-1, -2)).cpu()
@@ -224,69 +229,86 @@ class HeSS(Probe):
         copy_seq_len: total length of the bundled repeated sequences (e2) when none are given.
         batch_size: samples per forward/backward.
         seed: induction-sequence seed and bootstrap seed.
+        layers, heads: restrict the reported layers/heads (default all; the scores are normalised
+            over every head of a layer either way).
 
     Attributes (after ``fit``):
-        fisher_: ``{"hess_e1"|"hess_e2": [S, L, H]}`` per-sample Fisher traces.
-        per_sample_: the same normalised per sample (``[S, L, H]``).
-        mean_, ci_low_, ci_high_: metric -> ``[L, H]``.
+        metrics_: the metrics reported; layers_, heads_: the indices reported.
+        fisher_: ``{"hess_e1"|"hess_e2": [S, L, H]}`` per-sample Fisher traces (every layer and head).
+        per_sample_: the same normalised per sample (``[S, L_sel, H_sel]``).
+        mean_, ci_low_, ci_high_: metric -> ``[L_sel, H_sel]``.
         n_samples_: metric -> number of samples used.
     """
 
     name: ClassVar[str] = "hess"
     metrics: ClassVar[tuple[str, ...]] = ("hess", "hess_e1", "hess_e2")
     needs_capture: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = True
 
     def __init__(self, metrics: Sequence[MetricName] | None = None, *, n_calibration: int = 8,
                  lam: float = 0.5, e1: ErrorName | ErrorFn = "next_token", e2: ErrorName | ErrorFn = "copy",
                  seq_len: int = 256, copy_seq_len: int = 257, batch_size: int = 4, n_boot: int = 1000,
-                 seed: int = 0) -> None:
-        self.metrics_selected = self.check_metrics(metrics)
-        if not isinstance(n_calibration, int) or n_calibration < 1:
-            raise InputError(f"n_calibration={n_calibration}: HeSS needs at least 1 calibration sample")
-        if not 0.0 <= lam <= 1.0:
-            raise InputError(f"lam={lam}: the HeSS mixing weight must lie in [0, 1]")
+                 seed: int = 0, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> None:
+        self.metrics = metrics
         self.n_calibration, self.lam, self.seq_len, self.copy_seq_len = n_calibration, lam, seq_len, copy_seq_len
-        self.e1, self.e2 = resolve_error(e1), resolve_error(e2)
+        self.e1, self.e2 = e1, e2
         self.batch_size, self.n_boot, self.seed = batch_size, n_boot, seed
+        self.layers, self.heads = layers, heads
 
-    def fit(self, model: HookedModel, calibration: TokenBatch | None = None,
+    def check_params(self) -> None:
+        self.check_metrics(self.metrics)
+        if not isinstance(self.n_calibration, int) or self.n_calibration < 1:
+            raise InputError(f"n_calibration={self.n_calibration}: HeSS needs at least 1 calibration sample")
+        if not 0.0 <= self.lam <= 1.0:
+            raise InputError(f"lam={self.lam}: the HeSS mixing weight must lie in [0, 1]")
+        resolve_error(self.e1), resolve_error(self.e2)
+        if self.batch_size < 1:
+            raise InputError(f"batch_size={self.batch_size}: use at least 1")
+
+    def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
+            batch: TokenBatch | None = None, calibration: TokenBatch | None = None,
             copy: TokenBatch | None = None) -> "HeSS":
         """Compute HeSS on ``calibration`` (e1) and ``copy`` (e2); bundled sets when None.
 
-        Only the first ``n_calibration`` samples of each set are used.
+        ``batch`` (a run's data) serves as the e2 set when it holds repeated sequences (meta
+        ``repeat_period`` on every sample), otherwise as the e1 calibration text. ``capture`` is
+        not used. Only the first ``n_calibration`` samples of each set are used. The scores are
+        computed (and normalised) over every head; ``layers``/``heads`` restrict what is reported.
         """
         from workbench.data import load_dataset
 
+        self.check_inputs(capture, model, batch)
+        self.check_params()
+        self.metrics_ = self.check_metrics(self.metrics)
+        layers, heads = model.check_heads(self.layers, self.heads)
+        if batch is not None:
+            if batch.meta and all("repeat_period" in m for m in batch.meta):
+                if copy is not None:
+                    raise InputError("batch holds repeated sequences (the e2 data) and copy= was given too: pass one")
+                copy = batch
+            else:
+                if calibration is not None:
+                    raise InputError("batch is calibration text (the e1 data) and calibration= was given too: "
+                                     "pass one")
+                calibration = batch
         if calibration is None:
             calibration = load_dataset("calibration", model, n=self.n_calibration, seq_len=self.seq_len)
         if copy is None:
             copy = load_dataset("induction", model, n=self.n_calibration, seq_len=self.copy_seq_len, seed=self.seed)
         calibration = calibration.select(slice(0, self.n_calibration))
         copy = copy.select(slice(0, self.n_calibration))
-        self.fisher_ = {"hess_e1": query_fisher(model, calibration, self.e1, batch_size=self.batch_size),
-                        "hess_e2": query_fisher(model, copy, self.e2, batch_size=self.batch_size)}
-        self.per_sample_ = {k: normalise(v) for k, v in self.fisher_.items()}
+        e1, e2 = resolve_error(self.e1), resolve_error(self.e2)
+        self.fisher_ = {"hess_e1": query_fisher(model, calibration, e1, batch_size=self.batch_size),
+                        "hess_e2": query_fisher(model, copy, e2, batch_size=self.batch_size)}
+        rows, cols = torch.tensor(layers)[:, None], torch.tensor(heads)[None, :]
+        self.per_sample_ = {k: normalise(v)[:, rows, cols] for k, v in self.fisher_.items()}
         intervals = bootstrap_hess(self.fisher_["hess_e1"], self.fisher_["hess_e2"], self.lam,
                                    n_boot=self.n_boot, seed=self.seed)
-        self.mean_ = {k: v[0] for k, v in intervals.items()}
-        self.ci_low_ = {k: v[1] for k, v in intervals.items()}
-        self.ci_high_ = {k: v[2] for k, v in intervals.items()}
+        pick = np.ix_(layers, heads)
+        self.mean_ = {k: v[0][pick] for k, v in intervals.items()}
+        self.ci_low_ = {k: v[1][pick] for k, v in intervals.items()}
+        self.ci_high_ = {k: v[2][pick] for k, v in intervals.items()}
         self.n_samples_ = {"hess_e1": len(calibration), "hess_e2": len(copy),
                            "hess": min(len(calibration), len(copy))}
-        self.layers_, self.heads_ = list(range(model.n_layers)), list(range(model.n_heads))
+        self.layers_, self.heads_ = layers, heads
         return self
-
-    def fit_run(self, model, batch, capture) -> "HeSS":
-        """From a CLI/app run: the run's batch serves as e2 data when it holds repeated
-        sequences (meta ``repeat_period``), otherwise as e1 calibration text; the other set is
-        the bundled one."""
-        if batch is not None and batch.meta and all("repeat_period" in m for m in batch.meta):
-            return self.fit(model, copy=batch)
-        return self.fit(model, calibration=batch)
-
-    def to_frame(self) -> pd.DataFrame:
-        self._check_fitted("mean_")
-        return concat_frames([
-            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
-            for m in self.metrics_selected
-        ])

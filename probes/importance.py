@@ -26,19 +26,19 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 import torch
 from scipy import stats as scipy_stats
 
-from probes.base import Probe, concat_frames, head_table, mean_and_ci
+from probes.base import Probe, mean_and_ci
 from probes.figures import head_heatmap
 from probes.pruning import (clean_run, kernel_logits, next_token_valid, per_sample_ce, pruning_curve,
                             replaced_metric, single_head_masks)
 from workbench.batch import TokenBatch
+from workbench.capture import Capture
 from workbench.errors import InputError
 from workbench.interventions import ReferenceZ
-from workbench.kernel_attention import AttentionCall
+from workbench.attention_backend import AttentionCall
 from workbench.model import HookedModel
 
 ImportanceMetric = Literal["ablation_zero", "ablation_mean", "ablation_resample", "gradient",
@@ -60,6 +60,7 @@ class HeadImportance(Probe):
         tokens_per_forward: token budget of one batched forward (copies × B × N).
 
     Attributes (after ``fit``):
+        metrics_: the metrics computed.
         per_sample_: metric -> ``[S, L_sel, H_sel]``; mean_, ci_low_, ci_high_: metric -> ``[L_sel, H_sel]``.
         layers_, heads_: the swept indices. clean_loss_: token-weighted clean loss.
         patching_metric_: the metric used; activation_patching_: ``[L_sel, H_sel]`` real patching
@@ -71,25 +72,32 @@ class HeadImportance(Probe):
     metrics: ClassVar[tuple[str, ...]] = ("ablation_zero", "ablation_mean", "ablation_resample", "gradient",
                                           "attribution_patching")
     needs_capture: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = True
+    needs_batch: ClassVar[bool] = True
 
     def __init__(self, metrics: Sequence[ImportanceMetric] | None = None, *,
                  patching_metric: PatchingMetric = "auto", validate_patching: bool = True,
                  layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                  tokens_per_forward: int = 2048) -> None:
-        self.metrics_selected = self.check_metrics(metrics)
-        if patching_metric not in ("auto", "loss", "logit_diff"):
-            raise InputError(f"unknown patching_metric '{patching_metric}': use auto, loss or logit_diff")
-        if tokens_per_forward < 1:
-            raise InputError(f"tokens_per_forward={tokens_per_forward}: give a positive token budget")
+        self.metrics = metrics
         self.patching_metric = patching_metric
         self.validate_patching = validate_patching
         self.layers, self.heads = layers, heads
         self.tokens_per_forward = tokens_per_forward
 
-    def fit_run(self, model, batch, capture) -> "HeadImportance":
-        return self.fit(model, batch)
+    def check_params(self) -> None:
+        self.check_metrics(self.metrics)
+        if self.patching_metric not in ("auto", "loss", "logit_diff"):
+            raise InputError(f"unknown patching_metric '{self.patching_metric}': use auto, loss or logit_diff")
+        if self.tokens_per_forward < 1:
+            raise InputError(f"tokens_per_forward={self.tokens_per_forward}: give a positive token budget")
 
-    def fit(self, model: HookedModel, batch: TokenBatch) -> "HeadImportance":
+    def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
+            batch: TokenBatch | None = None) -> "HeadImportance":
+        """Scores of the ``layers``/``heads`` sweep on ``batch`` (``capture`` is not used)."""
+        self.check_inputs(capture, model, batch)
+        self.check_params()
+        self.metrics_ = self.check_metrics(self.metrics)
         if not model.causal:
             raise InputError(f"{model.name} is an encoder: head importance uses the next-token loss of a causal LM")
         layers, heads = model.check_heads(self.layers, self.heads)
@@ -103,7 +111,7 @@ class HeadImportance(Probe):
         self.per_sample_: dict[str, torch.Tensor] = {}
         masks = single_head_masks(model.n_layers, model.n_heads, layers, heads)
         positions = torch.arange(batch.tokens.shape[1])
-        for metric in self.metrics_selected:
+        for metric in self.metrics_:
             if metric in _ABLATIONS:
                 sources = _ablation_sources(_ABLATIONS[metric], z_clean, batch, positions)
                 ablated = replaced_metric(model, batch, masks, sources,
@@ -114,7 +122,7 @@ class HeadImportance(Probe):
                 self.per_sample_[metric] = _select(gradient_importance(model, batch, self.tokens_per_forward),
                                                    layers, heads)
         self.activation_patching_, self.patching_rank_correlation_ = None, float("nan")
-        if "attribution_patching" in self.metrics_selected:
+        if "attribution_patching" in self.metrics_:
             self._fit_patching(model, batch, z_clean, masks)
         self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
         for metric, values in self.per_sample_.items():
@@ -146,13 +154,6 @@ class HeadImportance(Probe):
             rho = scipy_stats.spearmanr(est_mean[finite], self.activation_patching_[finite]).statistic
             self.patching_rank_correlation_ = float(rho)
 
-    def to_frame(self) -> pd.DataFrame:
-        self._check_fitted("mean_")
-        return concat_frames([
-            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
-            for m in self.metrics_selected
-        ])
-
     def figure(self, metric: ImportanceMetric = "ablation_zero") -> go.Figure:
         """Layer × head heatmap of one fitted metric."""
         self._check_fitted("mean_")
@@ -163,7 +164,8 @@ class HeadImportance(Probe):
 
     def figures(self) -> dict[str, go.Figure]:
         """One heatmap per fitted metric."""
-        return {metric: self.figure(metric) for metric in self.metrics_selected}
+        self._check_fitted("mean_")
+        return {metric: self.figure(metric) for metric in self.metrics_}
 
 
 def _select(values: torch.Tensor, layers: Sequence[int], heads: Sequence[int]) -> torch.Tensor:

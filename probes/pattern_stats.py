@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
-import pandas as pd
 
-from probes.base import Probe, concat_frames, head_table, masked_row_mean, mean_and_ci
+from probes.base import Probe, masked_row_mean, mean_and_ci
+from workbench.batch import TokenBatch
 from workbench.capture import Capture
+from workbench.model import HookedModel
 from workbench.pattern_rows import STAT_NAMES
 
 StatName = Literal["entropy", "entropy_normalized", "max_weight", "first1_mass", "first4_mass",
@@ -20,7 +21,12 @@ class PatternStats(Probe):
 
     Works on captures of either mode (patterns or stats): both carry the same per-row values.
 
+    Args:
+        metrics: subset of :attr:`metrics` (default all).
+        layers, heads: stored only (the capture holds the subset).
+
     Attributes (after ``fit``):
+        metrics_: the metrics computed.
         per_sample_: metric -> ``[S, L, H]`` per-sample head means over real query rows.
         mean_, ci_low_, ci_high_: metric -> ``[L, H]`` numpy arrays.
         layers_, heads_: the captured layer/head indices.
@@ -29,21 +35,22 @@ class PatternStats(Probe):
     name: ClassVar[str] = "stats"
     metrics: ClassVar[tuple[str, ...]] = STAT_NAMES
 
-    def __init__(self, metrics: Sequence[StatName] | None = None) -> None:
-        self.metrics_selected = self.check_metrics(metrics)
+    def __init__(self, metrics: Sequence[StatName] | None = None, *, layers: Sequence[int] | None = None,
+                 heads: Sequence[int] | None = None) -> None:
+        self.metrics = metrics
+        self.layers, self.heads = layers, heads
 
-    def fit(self, capture: Capture) -> "PatternStats":
+    def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
+            batch: TokenBatch | None = None) -> "PatternStats":
+        """Scores from ``capture`` (``model``, ``batch`` and ``layers``/``heads`` are not used:
+        the capture holds the layer/head subset)."""
+        self.check_inputs(capture, model, batch)
+        self.check_params()
+        self.metrics_ = self.check_metrics(self.metrics)
         valid = capture.mask[:, None, None, :]
-        self.per_sample_ = {m: masked_row_mean(capture.row_stats[m], valid) for m in self.metrics_selected}
+        self.per_sample_ = {m: masked_row_mean(capture.row_stats[m], valid) for m in self.metrics_}
         self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
         for metric, values in self.per_sample_.items():
             self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
         self.layers_, self.heads_ = list(capture.layers), list(capture.heads)
         return self
-
-    def to_frame(self) -> pd.DataFrame:
-        self._check_fitted("mean_")
-        return concat_frames([
-            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
-            for m in self.metrics_selected
-        ])

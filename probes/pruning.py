@@ -1,7 +1,7 @@
 """Batched head replacement (many ablations per forward) and the pruning curve (METRICS §4).
 
-The engine runs ``C`` copies of a batch in one forward of the kernel-backed Hugging Face copy
-(``model.kernel_model``, exact SDPA attention, no statistics), copy ``c`` replacing the per-head
+The engine runs ``C`` copies of a batch in one forward of the model (the one forward,
+:func:`workbench.forward.run`, fused SDPA attention, no statistics), copy ``c`` replacing the per-head
 outputs ``z`` of the heads in ``masks[c]`` by a source value (zero, a mean, a resampled or a
 clean activation). One forward therefore measures many single-head ablations, or many pruning
 levels, at once; copies are chunked to a token budget.
@@ -20,8 +20,10 @@ import torch
 from probes.figures import curves
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
-from workbench.kernel_attention import AttentionCall, exact_attention, kernel_forward
-from workbench.model import HookedModel, _check_finite
+from workbench.attention_backend import AttentionCall
+from workbench.forward import bridge_call, check_finite_values, run
+from workbench.head_edits import OutputEdits
+from workbench.model import HookedModel
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """``logits [c, B, N, V] -> [c, B]`` per-sample metric of each copy."""
@@ -30,14 +32,8 @@ PruneOrder = Literal["importance", "random"]
 
 
 def kernel_logits(model: HookedModel, batch: TokenBatch, editors: Sequence = (), *, grad: bool = False) -> torch.Tensor:
-    """Logits ``[B, N, V]`` of the kernel model with exact attention and ``z`` editors."""
-    with model.lock, torch.set_grad_enabled(grad), kernel_forward(batch.mask, attention=exact_attention,
-                                                                  z_editors=list(editors)):
-        device = model.kernel_model.device
-        logits = model.kernel_model(input_ids=batch.tokens.to(device),
-                                    attention_mask=batch.mask.long().to(device)).logits
-    _check_finite(logits)
-    return logits
+    """Logits ``[B, N, V]`` with ``z`` editors ``(z [B, N, Hq, d], call) -> z`` active (fused SDPA attention)."""
+    return run(model, batch, backend="sdpa", edits=OutputEdits(editors) if editors else None, grad=grad)
 
 
 def clean_z(model: HookedModel, batch: TokenBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -49,23 +45,28 @@ def clean_z(model: HookedModel, batch: TokenBatch) -> tuple[torch.Tensor, dict[i
 def clean_run(model: HookedModel, batch: TokenBatch, *, layer_inputs: bool = False):
     """``(logits [B, N, V], {layer: z [B, N, Hq, d]}, {layer: residual entering it [B, N, D]} | None)``."""
     store: dict[int, torch.Tensor] = {}
+    residuals: dict[int, torch.Tensor] = {}
 
-    def record(z: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        store[call.layer] = z.detach().float()
-        return z
-    if not (layer_inputs and _decoder_stack(model) is not None):
-        return kernel_logits(model, batch, [record]), store, None
-    with model.lock, torch.no_grad(), kernel_forward(batch.mask, attention=exact_attention, z_editors=[record]):
-        device = model.kernel_model.device
-        out = model.kernel_model(input_ids=batch.tokens.to(device), attention_mask=batch.mask.long().to(device),
-                                 output_hidden_states=True)
-    _check_finite(out.logits)
-    return out.logits, store, {layer: out.hidden_states[layer] for layer in range(model.n_layers)}
+    def record(call: AttentionCall, result) -> None:
+        store[call.layer] = result.out.detach().transpose(1, 2).float()
+
+    def keep_residual(resid: torch.Tensor, hook, layer: int) -> torch.Tensor:
+        residuals[layer] = resid.detach()
+        return resid
+    hooks = []
+    if layer_inputs and _decoder_stack(model) is not None:
+        hooks = [(f"blocks.{layer}.hook_resid_pre", _bind(keep_residual, layer)) for layer in range(model.n_layers)]
+    logits = run(model, batch, backend="sdpa", recorders=[record], fwd_hooks=hooks)
+    return logits, store, (residuals if hooks else None)
+
+
+def _bind(fn, layer: int):
+    return lambda tensor, hook: fn(tensor, hook, layer)
 
 
 def _decoder_stack(model: HookedModel):
     """The inner Llama-style decoder (``layers``, ``norm``, ``rotary_emb``, plus ``lm_head``) or None."""
-    outer = model.kernel_model
+    outer = model.bridge.original_model
     inner = getattr(outer, "model", None)
     if inner is None or not hasattr(outer, "lm_head") or not all(
             hasattr(inner, name) for name in ("layers", "norm", "rotary_emb")):
@@ -78,15 +79,16 @@ def logits_from_layer(model: HookedModel, batch: TokenBatch, start: int, hidden:
     """Logits ``[B, N, V]`` running only layers ``start..`` from the residual ``hidden [B, N, D]``
     entering layer ``start`` (Llama-style decoders; layers below are unaffected by edits at or
     above ``start``, so their clean residual is reused)."""
-    inner, outer = _decoder_stack(model), model.kernel_model
-    with model.lock, torch.no_grad(), kernel_forward(batch.mask, attention=exact_attention, z_editors=list(editors)):
+    inner, outer = _decoder_stack(model), model.bridge.original_model
+    edits = OutputEdits(editors) if editors else None
+    with bridge_call(model, batch.mask, backend="sdpa", edits=edits), torch.no_grad():
         positions = torch.arange(batch.tokens.shape[1], device=hidden.device)[None]
         rotary = inner.rotary_emb(hidden, position_ids=positions)
         for layer in inner.layers[start:model.n_layers]:
             hidden = layer(hidden, attention_mask=None, position_embeddings=rotary, position_ids=positions)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         logits = outer.lm_head(inner.norm(hidden))
-    _check_finite(logits)
+    check_finite_values(logits)
     return logits
 
 

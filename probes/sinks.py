@@ -8,8 +8,8 @@ Metrics per head (mean over samples, Student-t 95% interval):
 - ``first4_mass``: mean over real query rows of ``Σ_{j<4} A_ij`` (StreamingLLM's 4 sinks).
 - ``noop_score`` (the workbench's own composite, after Bondarenko et al. 2023): mean-row mass on
   the sink tokens of the layer × ``(1 − mean‖v_sink‖ / mean‖v_all‖)``, ``v`` from ``hook_v`` of
-  the query head's KV head (GQA). It needs the model (``fit(capture, model=...)`` or
-  ``fit_run``); a sample whose layer has no sink token scores 0 (no mass on sinks).
+  the query head's KV head (GQA). It needs the model (``fit(capture, model=model)``); a sample
+  whose layer has no sink token scores 0 (no mass on sinks).
 
 Sink tokens come from the massive-activation test of :mod:`probes.sink_tokens`.
 """
@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 import torch
 
-from probes.base import Probe, concat_frames, head_table, masked_row_mean, mean_and_ci
+from probes.base import Probe, masked_row_mean, mean_and_ci
 from probes.sink_tokens import discover_sink_dims, scan_residuals, sink_positions
 from workbench.batch import TokenBatch
 from workbench.capture import Capture, capture
@@ -51,8 +50,10 @@ class Sinks(Probe):
             non-empty, else first).
         sink_dims: skip discovery and use these dimensions as ``D_sink``.
         batch_size: samples per forward of the residual scan.
+        layers, heads: stored only (the capture holds the subset).
 
     Attributes (after ``fit``):
+        metrics_: the metrics computed; dim_threshold_: the ``D_sink`` threshold used.
         alpha_: ``[S, L, H, N]`` α_k for every key position (0 on padding).
         per_sample_, mean_, ci_low_, ci_high_: metric -> ``[S, L, H]`` / ``[L, H]``.
         sink_rate_: % of (sample, layer, head) with α_1 > ε on this capture (Gu et al. measure it
@@ -68,36 +69,50 @@ class Sinks(Probe):
     def __init__(self, metrics: Sequence[SinkMetric] | None = None, *, tau: float = 20.0, eps: float = 0.3,
                  dim_threshold: float | None = None, min_layer_frac: float = 0.25, min_abs: float = 0.0,
                  sink_source: SinkSource = "auto", sink_dims: Sequence[int] | None = None,
-                 batch_size: int = 8) -> None:
-        self.metrics_requested = None if metrics is None else self.check_metrics(metrics)
+                 batch_size: int = 8, layers: Sequence[int] | None = None,
+                 heads: Sequence[int] | None = None) -> None:
+        self.metrics = metrics
+        self.tau, self.eps, self.dim_threshold = tau, eps, dim_threshold
+        self.min_layer_frac, self.min_abs = min_layer_frac, min_abs
+        self.sink_source, self.sink_dims, self.batch_size = sink_source, sink_dims, batch_size
+        self.layers, self.heads = layers, heads
+
+    def check_params(self) -> None:
+        if self.metrics is not None:
+            self.check_metrics(self.metrics)
+        tau, dim_threshold = self.tau, self.dim_threshold
         if tau <= 0 or (dim_threshold is not None and dim_threshold <= 0):
             raise InputError(f"tau={tau} / dim_threshold={dim_threshold} must be positive (default 20)")
-        if not 0 <= eps <= 1:
-            raise InputError(f"eps={eps} must be in [0, 1] (default 0.3)")
-        if not 0 < min_layer_frac <= 1:
-            raise InputError(f"min_layer_frac={min_layer_frac} must be in (0, 1] (default 0.25)")
-        if sink_source not in ("auto", "massive", "first"):
-            raise InputError(f"unknown sink_source '{sink_source}': use auto, massive or first")
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size} must be at least 1")
-        self.tau, self.eps, self.min_layer_frac, self.min_abs = tau, eps, min_layer_frac, min_abs
-        self.dim_threshold = tau if dim_threshold is None else dim_threshold
-        self.sink_source, self.batch_size = sink_source, batch_size
-        self.sink_dims = None if sink_dims is None else sorted({int(d) for d in sink_dims})
+        if not 0 <= self.eps <= 1:
+            raise InputError(f"eps={self.eps} must be in [0, 1] (default 0.3)")
+        if not 0 < self.min_layer_frac <= 1:
+            raise InputError(f"min_layer_frac={self.min_layer_frac} must be in (0, 1] (default 0.25)")
+        if self.sink_source not in ("auto", "massive", "first"):
+            raise InputError(f"unknown sink_source '{self.sink_source}': use auto, massive or first")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size={self.batch_size} must be at least 1")
+
+    def check_inputs(self, capture=None, model=None, batch=None) -> None:
+        super().check_inputs(capture, model, batch)
+        if model is None and isinstance(self.metrics, (list, tuple)) and "noop_score" in self.metrics:
+            raise InputError("noop_score needs the model (value vectors and residual stream): "
+                             "call fit(capture, model=model)")
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, capture: Capture, model: HookedModel | None = None) -> "Sinks":
-        """Scores from ``capture``; with ``model`` also sink tokens, ``D_sink`` and ``noop_score``."""
-        wanted = self.metrics_requested
+    def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
+            batch: TokenBatch | None = None) -> "Sinks":
+        """Scores from ``capture``; with ``model`` also sink tokens, ``D_sink`` and ``noop_score``.
+
+        ``batch`` is not used (the residual scan re-reads the capture's tokens); ``layers``/``heads``
+        neither (the capture holds the subset).
+        """
+        self.check_inputs(capture, model, batch)
+        self.check_params()
+        wanted = self.metrics
         if wanted is None:
-            wanted = self.metrics if model is not None else _CAPTURE_METRICS
-        if "noop_score" in wanted and model is None:
-            raise InputError("noop_score needs the model (value vectors and residual stream): "
-                             "call fit(capture, model=model) or fit_run(model, batch, capture)")
-        self.metrics_selected = tuple(wanted)
-        if model is not None and model.name != capture.model_name:
-            raise InputError(f"the capture comes from '{capture.model_name}', not '{model.name}': "
-                             "pass the model the capture was made with")
+            wanted = type(self).metrics if model is not None else _CAPTURE_METRICS
+        self.metrics_ = tuple(wanted)
+        self.dim_threshold_ = self.tau if self.dim_threshold is None else self.dim_threshold
         self.layers_, self.heads_ = list(capture.layers), list(capture.heads)
         self.alpha_ = capture.received_normalized.clone()
         alpha1 = self.alpha_[..., 0]
@@ -117,17 +132,12 @@ class Sinks(Probe):
             self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
         return self
 
-    def fit_run(self, model, batch, capture) -> "Sinks":
-        if capture is None:
-            raise InputError("the sinks probe needs a capture of the batch: run it with a capture")
-        return self.fit(capture, model=model)
-
     def _fit_sink_tokens(self, model: HookedModel, capture: Capture) -> None:
         batch = TokenBatch(capture.tokens, capture.mask, [dict(m) for m in capture.meta])
-        self.scan_ = scan = scan_residuals(model, batch, tau_dim=min(self.dim_threshold, self.tau),
+        self.scan_ = scan = scan_residuals(model, batch, tau_dim=min(self.dim_threshold_, self.tau),
                                            batch_size=self.batch_size)
-        flagged = scan.flagged_layers(self.dim_threshold, self.min_abs)
-        self.sink_dims_ = (self.sink_dims if self.sink_dims is not None
+        flagged = scan.flagged_layers(self.dim_threshold_, self.min_abs)
+        self.sink_dims_ = (sorted({int(d) for d in self.sink_dims}) if self.sink_dims is not None
                            else discover_sink_dims(flagged, self.min_layer_frac))
         bad = [d for d in self.sink_dims_ if not 0 <= d < scan.d_model]
         if bad:
@@ -167,13 +177,6 @@ class Sinks(Probe):
         return torch.where(n_sink > 0, mass * (1 - ratio), torch.zeros_like(mass))
 
     # ------------------------------------------------------------------ output
-    def to_frame(self) -> pd.DataFrame:
-        self._check_fitted("mean_")
-        return concat_frames([
-            head_table(self.name, m, self.layers_, self.heads_, self.mean_[m], self.ci_low_[m], self.ci_high_[m])
-            for m in self.metrics if m in self.mean_
-        ])
-
     def top_sink_heads(self, k: int = 5) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean α_1 as ``(layer, head, α_1)``."""
         self._check_fitted("mean_")

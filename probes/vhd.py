@@ -17,31 +17,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
-import pandas as pd
 import torch
 
-from probes.base import Probe, head_table, mean_and_ci
+from probes.base import Probe, mean_and_ci
 from probes.vhd_inputs import ContextPrompt, prompts_from_batch
 from workbench.batch import TokenBatch
+from workbench.capture import Capture
 from workbench.errors import InputError
-from workbench.model import _check_finite, bind_hook, Hook, hook_name, HookedModel
+from workbench.forward import run
+from workbench.model import bind_hook, Hook, hook_name, HookedModel
 
 
 def run_with_hooks(model: HookedModel, batch: TokenBatch, hooks: Sequence[Hook], *,
-                   pixel_values: torch.Tensor | None = None, stop_at_layer: int | None = None) -> torch.Tensor:
-    """Forward ``batch`` (and its images) with ``hooks`` scoped to the call; returns the output."""
-    if pixel_values is None:
-        return model.run(batch, fwd_hooks=hooks, stop_at_layer=stop_at_layer)
-    with model.lock, torch.no_grad(), model.bridge.hooks(fwd_hooks=list(hooks)):
-        out = model.bridge(batch.tokens, attention_mask=batch.mask.long(), pixel_values=pixel_values,
-                           stop_at_layer=stop_at_layer)
-    _check_finite(out)
-    return out
+                   pixel_values: torch.Tensor | None = None, stop_at_layer: int | None = None,
+                   edits=None) -> torch.Tensor:
+    """Forward ``batch`` (and its images) with ``hooks`` and compiled interventions ``edits``
+    scoped to the call (the one forward, :func:`workbench.forward.run`); returns the output."""
+    extra = {} if pixel_values is None else {"pixel_values": pixel_values}
+    return run(model, batch, fwd_hooks=hooks, edits=edits, stop_at_layer=stop_at_layer, **extra)
 
 
 def z_at(model: HookedModel, sequences: Sequence[torch.Tensor], positions: Sequence[Sequence[int]], *,
          layers: Sequence[int], pixel_values: Sequence[torch.Tensor | None] | None = None,
-         hooks: Sequence[Hook] = (), batch_size: int = 8) -> list[torch.Tensor]:
+         edits=None, batch_size: int = 8) -> list[torch.Tensor]:
     """Per-head outputs ``z`` at chosen positions of each sequence.
 
     Args:
@@ -49,7 +47,7 @@ def z_at(model: HookedModel, sequences: Sequence[torch.Tensor], positions: Seque
         positions: per sequence, the query positions to read.
         layers: layers to read (the forward stops after the last one).
         pixel_values: per sequence ``[1, 3, S, S]`` or None (vision-language prompts).
-        hooks: extra hooks active in every forward (e.g. interventions), before the readers.
+        edits: compiled interventions active in every forward (the readers see the edited ``z``).
     Returns:
         per sequence ``[len(positions_i), len(layers), H, d]`` fp32.
     """
@@ -70,7 +68,7 @@ def z_at(model: HookedModel, sequences: Sequence[torch.Tensor], positions: Seque
                 return z
 
             readers = [(hook_name(layer, "z"), bind_hook(read, layer=layer)) for layer in layers]
-            run_with_hooks(model, batch, list(hooks) + readers, pixel_values=images, stop_at_layer=stop)
+            run_with_hooks(model, batch, readers, pixel_values=images, stop_at_layer=stop, edits=edits)
             stacked = torch.stack([store[layer] for layer in layers], dim=2)  # [b, N, L, H, d]
             for row, i in enumerate(rows):
                 out[i] = stacked[row, torch.as_tensor(list(positions[i]), dtype=torch.long)].cpu()
@@ -79,7 +77,7 @@ def z_at(model: HookedModel, sequences: Sequence[torch.Tensor], positions: Seque
 
 def compute_vhd(model: HookedModel, prompts: Sequence[ContextPrompt], *,
                 continuations: Sequence[torch.Tensor] | None = None, layers: Sequence[int] | None = None,
-                hooks: Sequence[Hook] = (), batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                edits=None, batch_size: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """VHD and the no-context output energy ``‖z‖²`` at every step of each prompt.
 
     Args:
@@ -87,7 +85,7 @@ def compute_vhd(model: HookedModel, prompts: Sequence[ContextPrompt], *,
         continuations: per prompt, the generated/teacher-forced tokens ``y`` (``[T]``); VHD is
             read at steps ``t = 0..T-1`` (position ``n - 1 + t``). None: step 0 only.
         layers: layers to read (default all).
-        hooks: hooks active in both branches (e.g. reinforcement of earlier layers).
+        edits: compiled interventions active in both branches (e.g. reinforcement of earlier layers).
     Returns:
         ``(vhd, energy)``, per prompt ``[T, L, H]`` each (``T = 1`` without continuations).
     """
@@ -104,7 +102,7 @@ def compute_vhd(model: HookedModel, prompts: Sequence[ContextPrompt], *,
             sequences.append(torch.cat([ids, y[:steps - 1]]))
             positions.append([ids.numel() - 1 + t for t in range(steps)])
             images.append(image)
-    z = z_at(model, sequences, positions, layers=layers, pixel_values=images, hooks=hooks, batch_size=batch_size)
+    z = z_at(model, sequences, positions, layers=layers, pixel_values=images, edits=edits, batch_size=batch_size)
     vhd = [(z[2 * i] - z[2 * i + 1]).norm(dim=-1) for i in range(len(prompts))]
     energy = [z[2 * i + 1].pow(2).sum(-1) for i in range(len(prompts))]
     return vhd, energy
@@ -129,44 +127,52 @@ class VHD(Probe):
         metrics: ``["vhd"]`` or None.
         top_k: k of T-VHD (default: a quarter of the heads, :func:`default_top_k`).
         batch_size: sequences per forward (each prompt runs two: with and without context).
+        layers, heads: restrict the layers run / heads reported (default all).
 
     Attributes (after ``fit``):
-        per_sample_: ``{"vhd": [S, L, H]}``; energy_: ``[S, L, H]`` no-context ``‖z‖²``.
-        mean_, ci_low_, ci_high_: ``{"vhd": [L, H]}``.
-        tvhd_: ``[S]`` T-VHD at t = 0; top_k_: the k used.
+        metrics_: ``("vhd",)``; layers_, heads_: the indices reported.
+        per_sample_: ``{"vhd": [S, L_sel, H_sel]}``; energy_: ``[S, L_sel, H_sel]`` no-context ``‖z‖²``.
+        mean_, ci_low_, ci_high_: ``{"vhd": [L_sel, H_sel]}``.
+        tvhd_: ``[S]`` T-VHD at t = 0 over the selected layers (top k of all heads); top_k_: the k used.
     """
 
     name: ClassVar[str] = "vhd"
     metrics: ClassVar[tuple[str, ...]] = ("vhd",)
     needs_capture: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = True
+    needs_batch: ClassVar[bool] = True
 
     def __init__(self, metrics: Sequence[Literal["vhd"]] | None = None, *, top_k: int | None = None,
-                 batch_size: int = 8) -> None:
-        self.metrics_selected = self.check_metrics(metrics)
-        if top_k is not None and top_k < 1:
-            raise InputError(f"top_k={top_k} must be at least 1")
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size} must be at least 1")
+                 batch_size: int = 8, layers: Sequence[int] | None = None,
+                 heads: Sequence[int] | None = None) -> None:
+        self.metrics = metrics
         self.top_k, self.batch_size = top_k, batch_size
+        self.layers, self.heads = layers, heads
 
-    def fit(self, model: HookedModel, inputs: TokenBatch | Sequence[ContextPrompt]) -> "VHD":
-        """VHD of each prompt (a batch with ``meta["span"]``, or :class:`ContextPrompt` objects)."""
-        prompts = prompts_from_batch(inputs) if isinstance(inputs, TokenBatch) else list(inputs)
-        vhd, energy = compute_vhd(model, prompts, batch_size=self.batch_size)
-        self.per_sample_ = {"vhd": torch.stack([v[0] for v in vhd])}
-        self.energy_ = torch.stack([e[0] for e in energy])
+    def check_params(self) -> None:
+        self.check_metrics(self.metrics)
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"top_k={self.top_k} must be at least 1")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size={self.batch_size} must be at least 1")
+
+    def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
+            batch: TokenBatch | Sequence[ContextPrompt] | None = None) -> "VHD":
+        """VHD of each prompt in ``batch`` (a batch with ``meta["span"]``, or :class:`ContextPrompt`
+        objects); ``capture`` is not used. Only ``layers`` are run; T-VHD sums over them, taking
+        the top k of all heads; ``heads`` restricts the reported heads."""
+        self.check_inputs(capture, model, batch)
+        self.check_params()
+        self.metrics_ = self.check_metrics(self.metrics)
+        layers, heads = model.check_heads(self.layers, self.heads)
+        prompts = prompts_from_batch(batch) if isinstance(batch, TokenBatch) else list(batch)
+        vhd, energy = compute_vhd(model, prompts, layers=layers, batch_size=self.batch_size)
+        every_head = torch.stack([v[0] for v in vhd])                      # [S, L_sel, H]
         self.top_k_ = self.top_k if self.top_k is not None else default_top_k(model.n_heads)
-        self.tvhd_ = t_vhd(self.per_sample_["vhd"], min(self.top_k_, model.n_heads))
+        self.tvhd_ = t_vhd(every_head, min(self.top_k_, model.n_heads))
+        self.per_sample_ = {"vhd": every_head[:, :, heads]}
+        self.energy_ = torch.stack([e[0] for e in energy])[:, :, heads]
         mean, low, high = mean_and_ci(self.per_sample_["vhd"])
         self.mean_, self.ci_low_, self.ci_high_ = {"vhd": mean}, {"vhd": low}, {"vhd": high}
-        self.layers_, self.heads_ = list(range(model.n_layers)), list(range(model.n_heads))
+        self.layers_, self.heads_ = layers, heads
         return self
-
-    def fit_run(self, model, batch, capture) -> "VHD":
-        return self.fit(model, batch)
-
-    def to_frame(self) -> pd.DataFrame:
-        self._check_fitted("mean_")
-        return head_table(self.name, "vhd", self.layers_, self.heads_, self.mean_["vhd"],
-                          self.ci_low_["vhd"], self.ci_high_["vhd"])
-

@@ -102,8 +102,8 @@ def vhr_select(model: HookedModel, prompt: ContextPrompt, *, alpha: float = 2.0,
     layers = paper_layers(model.n_layers) if layers is None else model.check_heads(layers, None)[0]
     selection = VHRSelection(alpha, list(layers))
     for layer in layers:
-        hooks = selection.interventions.hooks(model) if selection.n_selected else []
-        vhd, energy = compute_vhd(model, [prompt], layers=[layer], hooks=hooks)
+        edits = selection.interventions.compile(model) if selection.n_selected else None
+        vhd, energy = compute_vhd(model, [prompt], layers=[layer], edits=edits)
         selection.vhd[layer], selection.energy[layer] = vhd[0][0, 0], energy[0][0, 0]
         selection.heads[layer], selection.outliers[layer] = select_layer_heads(vhd[0][0, 0], energy[0][0, 0])
     return selection
@@ -140,12 +140,12 @@ class VHR:
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens}: ask for at least one token")
         spec = self.selection_.interventions
-        hooks = spec.hooks(model)
+        edits = spec.compile(model)
         tokens, eos = self.prompt_.ids.clone(), model.tokenizer.eos_token_id
         self.steps_: list[str] = []
         for _ in range(max_new_tokens):
             batch = model.batch_from_ids([tokens])
-            logits = run_with_hooks(model, batch, hooks, pixel_values=self.prompt_.pixel_values)
+            logits = run_with_hooks(model, batch, [], pixel_values=self.prompt_.pixel_values, edits=edits)
             self.steps_.append(spec.text)
             nxt = int(logits[0, -1].argmax())
             tokens = torch.cat([tokens, torch.tensor([nxt])])

@@ -139,7 +139,7 @@ def test_cancel_inside_the_capture_forward_publishes_nothing(tiny_llama, limits)
     job = Job(id="x", kind="analysis")
     with pytest.raises(Cancelled):
         svc.analyse(local, "tiny-llama", PROMPT, CancelAtFirstLayer(job))
-    assert job.message.startswith("capturing every head")  # stopped inside the forward, at layer 0
+    assert job.message.startswith("capture (")  # stopped inside the forward, at layer 0
     assert not local.analyses._items
     local.jobs.shutdown()
     clean = tiny_llama.run(tiny_llama.tokenize([PROMPT]))

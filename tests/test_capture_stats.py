@@ -9,7 +9,7 @@ import torch
 from probes.detectors import Detectors
 from probes.pattern_stats import PatternStats
 from workbench import capture_stats as capture_stats_module
-from workbench import kernel_attention
+from workbench.attention_backend import STATE
 from workbench.capture import Capture, capture
 from workbench.errors import InputError
 from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES, detector_rows
@@ -150,10 +150,12 @@ def test_saved_stats_capture_roundtrip(pair, tmp_path):
     close(loaded.pattern(0, 1, 0), stats.pattern(0, 1, 0))
 
 
-def test_fwd_hooks_rejected_in_stats_mode(tiny_llama):
-    hook = ("blocks.0.attn.hook_z", lambda z, hook: z)
-    with pytest.raises(InputError, match="interventions"):
-        capture(tiny_llama, PROMPTS[:1], mode="stats", fwd_hooks=[hook], progress=False)
+def test_fwd_hooks_fire_in_stats_mode(tiny_llama):
+    """One model, one forward: TransformerLens hooks observe a stats capture too (hook_z, hook_v)."""
+    seen = []
+    hooks = [(f"blocks.0.attn.hook_{site}", lambda x, hook: seen.append(hook.name) or x) for site in ("z", "v")]
+    capture(tiny_llama, PROMPTS[:1], mode="stats", fwd_hooks=hooks, progress=False)
+    assert len(seen) == 2
 
 
 def test_no_leftover_state_after_an_error(tiny_llama, monkeypatch):
@@ -167,10 +169,10 @@ def test_no_leftover_state_after_an_error(tiny_llama, monkeypatch):
         patch.setattr(capture_stats_module, "detector_rows_from_qk", broken)
         with pytest.raises(RuntimeError, match="recorder failed"):
             capture(tiny_llama, batch, mode="stats", progress=False)
-    assert kernel_attention._STATE.get() is None
-    # outside kernel_forward the kernel model is plain SDPA again, equal to the bridge
+    assert STATE.get() is None
+    # outside the call the model is the plain bridge again
     with torch.no_grad():
-        logits = tiny_llama.kernel_model(input_ids=batch.tokens[:1], attention_mask=batch.mask[:1].long()).logits
+        logits = tiny_llama.bridge.original_model(input_ids=batch.tokens[:1], attention_mask=batch.mask[:1].long()).logits
     close(logits, tiny_llama.run(batch.select([0])), 1e-4)
     after = capture(tiny_llama, batch, mode="stats", progress=False)
     for name in STAT_NAMES + DETECTOR_ROWS:
@@ -211,14 +213,12 @@ def test_smollm2_stats_mode_equals_patterns_mode(smollm2):
 
 
 def test_interventions_apply_in_stats_mode(tiny_llama):
-    from workbench.capture_stats import capture_stats
     from workbench.interventions import parse_interventions
 
     batch = tiny_llama.tokenize(PROMPTS)
     edits = parse_interventions("L0H1:zero, L0H3:scale=2")
-    layers, heads = tiny_llama.check_heads(None, None)
-    patterns = capture(tiny_llama, batch, mode="patterns", fwd_hooks=edits.hooks(tiny_llama, batch), progress=False)
-    stats = capture_stats(tiny_llama, batch, layers=layers, heads=heads, interventions=edits, progress=False)
+    patterns = capture(tiny_llama, batch, mode="patterns", interventions=edits, progress=False)
+    stats = capture(tiny_llama, batch, mode="stats", interventions=edits, progress=False)
     assert_same_capture(stats, patterns)
     clean = capture(tiny_llama, batch, mode="stats", progress=False)
     assert (clean.row_stats["entropy"][:, 1] - stats.row_stats["entropy"][:, 1]).abs().max() > 1e-4

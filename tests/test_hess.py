@@ -12,7 +12,8 @@ import torch
 
 from probes.hess import HeSS, copy_positions, next_token_error, query_fisher, query_sites
 from probes.sparsity import allocation_weights, block_budgets, nominal_density, visible_blocks, water_fill
-from workbench import kernel_attention
+from workbench.attention_backend import STATE
+from workbench.forward import run
 from workbench.data import load_dataset
 from workbench.errors import InputError
 from workbench.model import load_model
@@ -24,7 +25,7 @@ SMALL = dict(n_calibration=3, seq_len=32, copy_seq_len=17, n_boot=200)
 # ----------------------------------------------------------------------------- HeSS
 @pytest.fixture(scope="module")
 def tiny_hess(tiny_llama):
-    return HeSS(**SMALL).fit(tiny_llama)
+    return HeSS(**SMALL).fit(model=tiny_llama)
 
 
 def test_hess_normalises_to_one_per_layer(tiny_hess):
@@ -45,9 +46,9 @@ def test_lambda_mixing(tiny_llama, tiny_hess):
                                0.5 * tiny_hess.mean_["hess_e1"] + 0.5 * tiny_hess.mean_["hess_e2"])
     data = dict(calibration=load_dataset("calibration", tiny_llama, n=3, seq_len=32),
                 copy=load_dataset("induction", tiny_llama, n=3, seq_len=17))
-    mixed = HeSS(**dict(SMALL, lam=0.2)).fit(tiny_llama, **data)
+    mixed = HeSS(**dict(SMALL, lam=0.2)).fit(model=tiny_llama, **data)
     np.testing.assert_allclose(mixed.mean_["hess"], 0.2 * mixed.mean_["hess_e1"] + 0.8 * mixed.mean_["hess_e2"])
-    only_e1 = HeSS(**dict(SMALL, lam=1.0)).fit(tiny_llama, **data)
+    only_e1 = HeSS(**dict(SMALL, lam=1.0)).fit(model=tiny_llama, **data)
     np.testing.assert_allclose(only_e1.mean_["hess"], only_e1.mean_["hess_e1"])
     assert not np.allclose(only_e1.mean_["hess_e1"], only_e1.mean_["hess_e2"])
 
@@ -59,12 +60,12 @@ def test_fisher_matches_parameter_gradients(name):
     text = load_dataset("calibration", model, n=2, seq_len=24)
     batch = model.batch_from_ids([text.tokens[0], text.tokens[1, :15]])  # ragged: padding must not leak
     fisher = query_fisher(model, batch, next_token_error, batch_size=2)
-    hf, d = model.kernel_model, model.d_head
-    sites = query_sites(hf, model.n_heads, d)
+    hf, d = model.bridge.original_model, model.d_head
+    sites = query_sites(model)
     for row in range(2):
         sample = batch.select([row])
-        weights = [module.weight for module, _ in sites]
-        logits = hf(input_ids=sample.tokens).logits
+        weights = [weight for _, weight, _ in sites]
+        logits = run(model, sample, grad=True)  # the one forward, plain backward to the weights
         grads = torch.autograd.grad(next_token_error(logits, sample).sum(), weights)
         for layer, grad in enumerate(grads):
             grad = grad if name == "tiny-llama" else grad.T  # Conv1D stores [in, out]
@@ -79,8 +80,8 @@ def _module_hooks(model) -> dict[str, tuple]:
 
 
 def test_fit_restores_model_state_even_on_error(tiny_llama):
-    hf = tiny_llama.kernel_model
-    HeSS(**SMALL).fit(tiny_llama)  # warm-up: lets transformers install its own hooks first
+    hf = tiny_llama.bridge.original_model
+    HeSS(**SMALL).fit(model=tiny_llama)  # warm-up: lets transformers install its own hooks first
     hooks_before = _module_hooks(hf)
     frozen = hf.model.layers[0].self_attn.k_proj.weight
     frozen.requires_grad_(False)
@@ -91,8 +92,8 @@ def test_fit_restores_model_state_even_on_error(tiny_llama):
             raise RuntimeError("boom")
 
         with pytest.raises(RuntimeError, match="boom"):
-            HeSS(**dict(SMALL, e1=broken)).fit(tiny_llama)
-        HeSS(**SMALL).fit(tiny_llama)
+            HeSS(**dict(SMALL, e1=broken)).fit(model=tiny_llama)
+        HeSS(**SMALL).fit(model=tiny_llama)
         assert {name: p.requires_grad for name, p in hf.named_parameters()} == flags
         assert all(p.grad is None for p in hf.parameters())
         assert _module_hooks(hf) == hooks_before
@@ -116,7 +117,7 @@ def test_amplified_query_head_ranks_first_gqa(tiny_llama, tiny_hess, tmp_path):
         attn.q_proj.weight[head * d:(head + 1) * d] *= 3.0
         attn.o_proj.weight[:, head * d:(head + 1) * d] *= 30.0
     hf.save_pretrained(str(folder))
-    boosted = HeSS(**SMALL).fit(load_model(str(folder)))
+    boosted = HeSS(**SMALL).fit(model=load_model(str(folder)))
     assert int(np.argmax(boosted.mean_["hess_e2"][layer])) == head
     assert boosted.mean_["hess_e2"][layer, head] > 0.5
 
@@ -167,11 +168,11 @@ def test_planted_copy_head_leads_copy_error_hess(tiny_gpt2, tmp_path):
     model = load_model(str(tmp_path / "planted"))
     copy = load_dataset("induction", model, n=4, seq_len=2 * period + 1)
     outputs = {}
-    hook = model.kernel_model.transformer.h[0].attn.c_proj.register_forward_hook(
+    hook = model.bridge.original_model.transformer.h[0].attn.c_proj.register_forward_hook(
         lambda module, inputs, output: outputs.update(z=inputs[0]))
     try:
         with torch.no_grad():
-            logits = model.kernel_model(input_ids=copy.tokens).logits
+            logits = model.bridge.original_model(input_ids=copy.tokens).logits
     finally:
         hook.remove()
     where = copy_positions(copy)
@@ -179,40 +180,55 @@ def test_planted_copy_head_leads_copy_error_hess(tiny_gpt2, tmp_path):
     assert accuracy > 0.9  # the planted head really copies
     z_norm = outputs["z"].unflatten(-1, (model.n_heads, model.d_head)).norm(dim=-1).mean((0, 1))
     assert z_norm[decoy_head] >= z_norm[copy_head]  # output size alone does not single it out
-    probe = HeSS(n_calibration=4, seq_len=32, copy_seq_len=2 * period + 1, n_boot=100).fit(model)
+    probe = HeSS(n_calibration=4, seq_len=32, copy_seq_len=2 * period + 1, n_boot=100).fit(model=model)
     assert int(np.argmax(probe.mean_["hess_e2"][0])) == copy_head
     assert probe.mean_["hess_e2"][0, copy_head] > 0.5
-    baseline = HeSS(n_calibration=4, seq_len=32, copy_seq_len=2 * period + 1, n_boot=100).fit(tiny_gpt2)
+    baseline = HeSS(n_calibration=4, seq_len=32, copy_seq_len=2 * period + 1, n_boot=100).fit(model=tiny_gpt2)
     assert baseline.mean_["hess_e2"][0, copy_head] < 0.4
 
 
-def test_fit_run_uses_repeated_batch_for_e2(tiny_llama):
+def test_run_batch_serves_as_e2_or_e1_data(tiny_llama):
     repeated = load_dataset("induction", tiny_llama, n=2, seq_len=17)
-    probe = HeSS(n_calibration=2, seq_len=32, n_boot=50).fit_run(tiny_llama, repeated, None)
+    probe = HeSS(n_calibration=2, seq_len=32, n_boot=50).fit(model=tiny_llama, batch=repeated)
     assert probe.n_samples_["hess_e2"] == 2 and np.isfinite(probe.mean_["hess"]).all()
     text = load_dataset("calibration", tiny_llama, n=2, seq_len=20)
-    probe = HeSS(n_calibration=2, copy_seq_len=17, n_boot=50).fit_run(tiny_llama, text, None)
-    assert np.isfinite(probe.mean_["hess_e1"]).all()
+    probe = HeSS(n_calibration=2, copy_seq_len=17, n_boot=50).fit(model=tiny_llama, batch=text)
+    assert probe.n_samples_["hess_e1"] == 2 and np.isfinite(probe.mean_["hess_e1"]).all()
+    with pytest.raises(InputError, match="copy= was given too"):
+        HeSS(n_calibration=2, n_boot=50).fit(model=tiny_llama, batch=repeated, copy=repeated)
+    with pytest.raises(InputError, match="calibration= was given too"):
+        HeSS(n_calibration=2, n_boot=50).fit(model=tiny_llama, batch=text, calibration=text)
+
+
+def test_layer_head_subset_is_reported_from_the_full_normalisation(tiny_llama, tiny_hess):
+    probe = HeSS(**SMALL, layers=[1], heads=[0, 3]).fit(model=tiny_llama)
+    assert probe.layers_ == [1] and probe.heads_ == [0, 3]
+    for metric in HeSS.metrics:
+        np.testing.assert_allclose(probe.mean_[metric], tiny_hess.mean_[metric][1:2, [0, 3]])
+    assert probe.per_sample_["hess_e1"].shape == (3, 1, 2)
+    assert set(probe.to_frame()["head"]) == {0, 3}
 
 
 def test_registry_has_hess():
     from probes.registry import PROBES
 
-    assert PROBES["hess"] is HeSS and HeSS.needs_capture is False
+    assert PROBES["hess"] is HeSS and HeSS.needs_capture is False and HeSS.needs_model and not HeSS.needs_batch
 
 
 def test_clear_errors(tiny_llama, tiny_bert):
     with pytest.raises(InputError, match="n_calibration"):
-        HeSS(n_calibration=0)
+        HeSS(n_calibration=0).fit(model=tiny_llama)
     with pytest.raises(InputError, match="lam"):
-        HeSS(lam=1.5)
+        HeSS(lam=1.5).fit(model=tiny_llama)
     with pytest.raises(InputError, match="unknown HeSS error"):
-        HeSS(e2="nope")
+        HeSS(e2="nope").fit(model=tiny_llama)
+    with pytest.raises(InputError, match="needs the model"):
+        HeSS(**SMALL).fit()
     with pytest.raises(InputError, match="encoder"):
-        HeSS(**SMALL).fit(tiny_bert)
+        HeSS(**SMALL).fit(model=tiny_bert)
     text = load_dataset("calibration", tiny_llama, n=2, seq_len=20)
     with pytest.raises(InputError, match="repeated random sequences"):
-        HeSS(**SMALL).fit(tiny_llama, copy=text)
+        HeSS(**SMALL).fit(model=tiny_llama, copy=text)
     for bad in (-0.1, 1.0, 1.5):
         with pytest.raises(InputError, match="sparsity"):
             block_budgets(np.ones((2, 4)), bad, 64, block_size=8)
@@ -278,7 +294,7 @@ def test_sparse_forward_all_blocks_kept_equals_dense(tiny_llama):
 
 
 def test_sparse_forward_drops_blocks_and_leaves_no_state(tiny_llama):
-    hf = tiny_llama.kernel_model
+    hf = tiny_llama.bridge.original_model
     text = load_dataset("calibration", tiny_llama, n=1, seq_len=64)
     with torch.no_grad():
         before = hf(input_ids=text.tokens).logits
@@ -292,7 +308,7 @@ def test_sparse_forward_drops_blocks_and_leaves_no_state(tiny_llama):
         sparse_forward(tiny_llama, text, budgets[:, :, :3], block_size=8)
     with pytest.raises(InputError, match="budgets"):
         sparse_forward(tiny_llama, text, budgets.float(), block_size=8)
-    assert kernel_attention._STATE.get() is None
+    assert STATE.get() is None
     assert _module_hooks(hf) == hooks_before
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=text.tokens).logits, before)
@@ -301,7 +317,7 @@ def test_sparse_forward_drops_blocks_and_leaves_no_state(tiny_llama):
 # ----------------------------------------------------------------------------- SmolLM2
 @pytest.mark.smollm2
 def test_smollm2_hess_two_samples(smollm2):
-    probe = HeSS(n_calibration=2, seq_len=32, copy_seq_len=21, n_boot=100).fit(smollm2)
+    probe = HeSS(n_calibration=2, seq_len=32, copy_seq_len=21, n_boot=100).fit(model=smollm2)
     for metric in HeSS.metrics:
         values = probe.mean_[metric]
         assert values.shape == (30, 9) and np.isfinite(values).all()

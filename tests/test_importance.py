@@ -45,11 +45,11 @@ def batch(tiny_llama):
 
 @pytest.fixture(scope="module")
 def fitted(tiny_llama, batch):
-    return HeadImportance().fit(tiny_llama, batch)
+    return HeadImportance().fit(model=tiny_llama, batch=batch)
 
 
 def test_dead_head_has_zero_importance(planted, batch):
-    probe = HeadImportance().fit(planted, batch)
+    probe = HeadImportance().fit(model=planted, batch=batch)
     layer, head = DEAD
     for metric in ABLATIONS + ["attribution_patching"]:
         assert np.abs(probe.per_sample_[metric][:, layer, head].numpy()).max() < 1e-5, metric
@@ -101,7 +101,7 @@ def test_attribution_patching_logit_diff(tiny_llama):
             {"answer": " John", "distractor": " Mary", "corrupt_prompt": "When Mary and John went to the store, John gave"}]
     prompts = ["When Mary and John went to the store, John gave", "When Mary and John went to the store, Mary gave"]
     ioi = tiny_llama.tokenize(prompts, meta=meta)
-    probe = HeadImportance(["attribution_patching"]).fit(tiny_llama, ioi)
+    probe = HeadImportance(["attribution_patching"]).fit(model=tiny_llama, batch=ioi)
     assert probe.patching_metric_ == "logit_diff"
     assert -1.0 <= probe.patching_rank_correlation_ <= 1.0
     assert np.isfinite(probe.mean_["attribution_patching"]).all()
@@ -131,30 +131,34 @@ def test_figures_and_registry(fitted, tiny_llama, batch):
     assert fig.data[0].z.shape == (tiny_llama.n_layers, tiny_llama.n_heads)
     assert set(fitted.figures()) == set(HeadImportance.metrics)
     assert PROBES["importance"] is HeadImportance
-    probe = PROBES["importance"](["ablation_zero"], layers=[1]).fit_run(tiny_llama, batch, None)
+    probe = PROBES["importance"](["ablation_zero"], layers=[1]).fit(None, model=tiny_llama, batch=batch)
     assert probe.mean_["ablation_zero"].shape == (1, tiny_llama.n_heads)
     assert np.allclose(probe.mean_["ablation_zero"][0], fitted.mean_["ablation_zero"][1], atol=1e-6)
 
 
 def test_bad_inputs(tiny_llama, tiny_bert, batch):
     with pytest.raises(InputError, match="unknown metric"):
-        HeadImportance(["ablation_foo"])
+        HeadImportance(["ablation_foo"]).fit(model=tiny_llama, batch=batch)
     with pytest.raises(InputError, match="patching_metric"):
-        HeadImportance(patching_metric="kl")
+        HeadImportance(patching_metric="kl").fit(model=tiny_llama, batch=batch)
     with pytest.raises(InputError, match="tokens_per_forward"):
-        HeadImportance(tokens_per_forward=0)
+        HeadImportance(tokens_per_forward=0).fit(model=tiny_llama, batch=batch)
+    with pytest.raises(InputError, match="needs the batch"):
+        HeadImportance().fit(model=tiny_llama)
+    with pytest.raises(InputError, match="needs the model"):
+        HeadImportance().fit(batch=batch)
     with pytest.raises(InputError, match="encoder"):
-        HeadImportance().fit(tiny_bert, tiny_bert.tokenize(["hello there"]))
+        HeadImportance().fit(model=tiny_bert, batch=tiny_bert.tokenize(["hello there"]))
     with pytest.raises(InputError, match="layer index 5"):
-        HeadImportance(layers=[5]).fit(tiny_llama, batch)
+        HeadImportance(layers=[5]).fit(model=tiny_llama, batch=batch)
     with pytest.raises(InputError, match="answer"):
-        HeadImportance(["attribution_patching"], patching_metric="logit_diff").fit(tiny_llama, batch)
+        HeadImportance(["attribution_patching"], patching_metric="logit_diff").fit(model=tiny_llama, batch=batch)
     with pytest.raises(InputError, match="2 or more tokens"):
-        HeadImportance(["ablation_zero"]).fit(tiny_llama, tiny_llama.batch_from_ids([torch.tensor([5])]))
+        HeadImportance(["ablation_zero"]).fit(model=tiny_llama, batch=tiny_llama.batch_from_ids([torch.tensor([5])]))
     with pytest.raises(WorkbenchError, match="not fitted"):
         HeadImportance().figure("gradient")
     with pytest.raises(InputError, match="was not computed"):
-        HeadImportance(["gradient"]).fit(tiny_llama, batch).figure("ablation_zero")
+        HeadImportance(["gradient"]).fit(model=tiny_llama, batch=batch).figure("ablation_zero")
     with pytest.raises(InputError, match="step"):
         pruning_curve(tiny_llama, batch, step=0)
     with pytest.raises(InputError, match="pruning order"):
@@ -168,7 +172,7 @@ def test_attribution_patching_tracks_activation_patching_on_ioi(smollm2):
     from workbench.data import load_dataset
 
     ioi = load_dataset("ioi", smollm2, n=8)
-    probe = HeadImportance(["attribution_patching"]).fit(smollm2, ioi)
+    probe = HeadImportance(["attribution_patching"]).fit(model=smollm2, batch=ioi)
     print(f"SmolLM2 IOI: Spearman(attribution, activation patching) = {probe.patching_rank_correlation_:.3f} "
           f"over {smollm2.n_layers * smollm2.n_heads} heads, {probe.n_patching_samples_} samples")
     assert probe.patching_metric_ == "logit_diff"

@@ -9,7 +9,8 @@ from workbench import intervened_run as ir
 from workbench.errors import InputError
 from workbench.interventions import (HeadIntervention as HI, InterventionSet, ReferenceZ, parse_interventions,
                                      redistribute_delta)
-from workbench.kernel_attention import kernel_forward
+from workbench import forward as forward_module
+from workbench.attention_backend import STATE
 from workbench.model import hook_name
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Mary and John went",
@@ -65,8 +66,8 @@ def test_patching_clean_z_back_restores_exact_output(tiny_llama, batch):
         z[:, :, 2] = clean_store[name][:, :, 2]
         return z
     spec = InterventionSet([HI(1, 2, "zero")])
-    ablated = tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch))
-    restored = tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch) + [(name, patch_back)])
+    ablated = tiny_llama.run(batch, interventions=spec)
+    restored = tiny_llama.run(batch, interventions=spec, fwd_hooks=[(name, patch_back)])
     assert not torch.equal(ablated, clean)
     assert torch.equal(restored, clean)
 
@@ -77,7 +78,7 @@ def test_zero_ablation_touches_only_its_head(tiny_llama, batch, layer, head):
     names = [hook_name(li, "z") for li in range(layer + 1)]
     tiny_llama.run(batch, fwd_hooks=[_record(clean, n) for n in names])
     spec = InterventionSet([HI(layer, head, "zero")])
-    tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch) + [_record(ablated, n) for n in names])
+    tiny_llama.run(batch, interventions=spec, fwd_hooks=[_record(ablated, n) for n in names])
     for li in range(layer):
         assert torch.equal(ablated[names[li]], clean[names[li]])
     others = [h for h in range(tiny_llama.n_heads) if h != head]
@@ -86,19 +87,14 @@ def test_zero_ablation_touches_only_its_head(tiny_llama, batch, layer, head):
     assert clean[names[layer]][:, :, head].abs().max() > 0
 
 
-def test_gqa_stats_mode_edits_only_the_query_head(tiny_llama, batch):
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "stats"])
+def test_gqa_edits_only_the_query_head(tiny_llama, batch, backend):
     """Heads 0 and 1 share KV head 0 on tiny-llama (4 query, 2 KV heads)."""
     assert tiny_llama.n_kv_heads == 2 and tiny_llama.n_heads == 4
     seen = {}
-
-    def recorder(z, call):
-        if call.layer == 0:
-            seen["z"] = z.detach().clone()
-        return z
     for items in ([], [HI(0, 1, "zero")], [HI(0, 1, "softpag", u=1.0)]):
-        editors = InterventionSet(items).z_editors(tiny_llama, batch)
-        with torch.no_grad(), kernel_forward(batch.mask, z_editors=editors + [recorder]):
-            tiny_llama.kernel_model(input_ids=batch.tokens, attention_mask=batch.mask.long())
+        tiny_llama.run(batch, backend=backend, interventions=InterventionSet(items),
+                       fwd_hooks=[(hook_name(0, "z"), _record(seen, "z")[1])])
         if not items:
             clean = seen["z"]
             continue
@@ -110,8 +106,8 @@ def test_softpag_full_gives_own_value(tiny_llama, batch):
     """u = 1 makes the head attend only to itself: z_i = v_i of its KV head (GQA-mapped)."""
     store = {}
     spec = InterventionSet([HI(0, 3, "softpag", u=1.0)])
-    tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch)
-                   + [_record(store, hook_name(0, "v")), _record(store, hook_name(0, "z"))])
+    tiny_llama.run(batch, interventions=spec,
+                   fwd_hooks=[_record(store, hook_name(0, "v")), _record(store, hook_name(0, "z"))])
     v, z = store[hook_name(0, "v")], store[hook_name(0, "z")]
     assert torch.allclose(z[:, :, 3], v[:, :, 3 // 2], atol=1e-6)
 
@@ -146,7 +142,7 @@ def test_redistribute_moves_sink_mass_in_patterns(tiny_llama, batch):
     tiny_llama.run(batch, fwd_hooks=[_record(store, hook_name(0, "pattern"))])
     clean = store.pop(hook_name(0, "pattern"))[:, 2]
     spec = InterventionSet([item])
-    tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch) + [_record(store, hook_name(0, "pattern"))])
+    tiny_llama.run(batch, interventions=spec, fwd_hooks=[_record(store, hook_name(0, "pattern"))])
     new = store[hook_name(0, "pattern")][:, 2]
     rows = batch.mask[:, 1:]
     sink_ratio = new[:, 1:, 0][rows] / clean[:, 1:, 0][rows]
@@ -173,7 +169,7 @@ def test_mean_with_own_batch_is_per_position_mean(tiny_llama, batch):
     name = hook_name(1, "z")
     tiny_llama.run(batch, fwd_hooks=[_record(clean, name)])
     spec = InterventionSet([HI(1, 0, "mean")], reference=batch)
-    tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch) + [_record(store, name)])
+    tiny_llama.run(batch, interventions=spec, fwd_hooks=[_record(store, name)])
     z, m = clean[name][:, :, 0], batch.mask.float()[..., None]
     expected = (z * m).sum(0) / m.sum(0)
     assert torch.allclose(store[name][:, :, 0], expected.expand_as(z), atol=1e-6)
@@ -232,7 +228,7 @@ def test_no_hook_survives_a_raising_call(tiny_llama, batch):
         raise RuntimeError("boom")
     spec = InterventionSet([HI(0, 1, "softpag", u=0.5), HI(1, 0, "zero")])
     with pytest.raises(RuntimeError, match="boom"):
-        tiny_llama.run(batch, fwd_hooks=spec.hooks(tiny_llama, batch) + [(hook_name(1, "z"), boom)])
+        tiny_llama.run(batch, interventions=spec, fwd_hooks=[(hook_name(1, "z"), boom)])
     assert _hook_counts(tiny_llama) == before
     assert torch.equal(tiny_llama.run(batch), clean)
     ir.forward(tiny_llama, batch, spec)
@@ -240,14 +236,20 @@ def test_no_hook_survives_a_raising_call(tiny_llama, batch):
     assert torch.equal(tiny_llama.run(batch), clean)
 
 
-def test_no_editor_survives_a_raising_stats_call(tiny_llama, batch):
+def test_nothing_survives_a_raising_stats_call(tiny_llama, batch):
+    """A recorder that raises mid-forward leaves no call state, attention switch or edit behind."""
     clean = ir.forward(tiny_llama, batch, mode="stats")
+    config = tiny_llama.bridge.original_model.config
+    implementation = config._attn_implementation
 
-    def boom(z, call):
+    def boom(call, result):
         raise RuntimeError("boom")
+    spec = InterventionSet([HI(0, 1, "softpag", u=0.5)])
     with pytest.raises(RuntimeError, match="boom"):
-        with kernel_forward(batch.mask, z_editors=[boom]):
-            tiny_llama.kernel_model(input_ids=batch.tokens, attention_mask=batch.mask.long())
+        forward_module.run(tiny_llama, batch, backend="stats", edits=spec.compile(tiny_llama, batch), recorders=[boom])
+    assert STATE.get() is None
+    assert config._attn_implementation == implementation
+    assert not any("forward" in vars(m) for m in tiny_llama.bridge.modules())
     assert torch.equal(ir.forward(tiny_llama, batch, mode="stats"), clean)
 
 
@@ -274,14 +276,15 @@ def test_bad_interventions_fail_before_running(tiny_llama, batch, monkeypatch, i
     def no_run(*args, **kwargs):
         raise AssertionError("the model ran before validation")
     monkeypatch.setattr(tiny_llama, "run", no_run)
-    monkeypatch.setattr(type(tiny_llama), "kernel_model", property(no_run))
+    monkeypatch.setattr(forward_module, "run", no_run)
+    monkeypatch.setattr(ir, "run", no_run)
     with pytest.raises(InputError, match=message):
         ir.forward(tiny_llama, batch, InterventionSet([HI(0, 1, "zero"), item]), mode=mode)
 
 
 def test_bad_calls(tiny_llama, tiny_bert, batch):
     with pytest.raises(InputError, match="unknown mode"):
-        ir.forward(tiny_llama, batch, mode="eager")
+        ir.forward(tiny_llama, batch, mode="sdpa")
     with pytest.raises(InputError, match="encoder"):
         ir.generate(tiny_bert, "hello there")
     with pytest.raises(InputError, match="encoder"):

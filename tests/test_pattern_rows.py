@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workbench.pattern_rows import detector_rows, received_mass, row_statistics
+from workbench.pattern_rows import detector_rows, map_received_mass as received_mass, map_row_statistics as row_statistics
 
 
 def _random_pattern(B, H, N, mask, causal, seed=0):

@@ -1,11 +1,13 @@
-"""z editors in kernel forwards (stats-mode interventions): forward, loss and cached generation."""
+"""Output edits inside the one attention function: same as hook_z edits, differentiable, KV-cached generation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from workbench.kernel_attention import AttentionCall, kernel_forward
+from workbench.attention_backend import AttentionCall
+from workbench.forward import bridge_call, run
+from workbench.head_edits import OutputEdits
 from workbench.model import hook_name, next_token_loss
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Mary and John went to the store, John gave"]
@@ -33,17 +35,18 @@ def zero_hook(z: torch.Tensor, hook) -> torch.Tensor:
     return z
 
 
-def kernel_logits(model, batch, editors) -> torch.Tensor:
-    with torch.no_grad(), kernel_forward(batch.mask, z_editors=editors):
-        return model.kernel_model(input_ids=batch.tokens, attention_mask=batch.mask.long()).logits
+def kernel_logits(model, batch, editors, backend="stats") -> torch.Tensor:
+    return run(model, batch, backend=backend, edits=OutputEdits(editors))
 
 
+@pytest.mark.parametrize("backend", ["stats", "sdpa"])
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_bert"])
-def test_zero_editor_matches_hook_z_ablation(name, request):
+def test_zero_editor_matches_hook_z_ablation(name, backend, request):
+    """An edit inside the attention function equals a TransformerLens hook_z edit (eager map)."""
     model = request.getfixturevalue(name)
     batch = model.tokenize(PROMPTS)  # two lengths: a padded batch
     hooks = [(hook_name(LAYER, "z"), zero_hook)]
-    edited = kernel_logits(model, batch, [ZeroHead(LAYER, HEAD)])
+    edited = kernel_logits(model, batch, [ZeroHead(LAYER, HEAD)], backend)
     expected = model.run(batch, fwd_hooks=hooks)
     real = batch.mask
     torch.testing.assert_close(edited[real], expected[real], rtol=1e-4, atol=1e-4)
@@ -70,8 +73,7 @@ def test_editor_is_differentiable_like_hook_z(name, request):
         return edit
 
     xi = torch.ones(1, requires_grad=True)
-    with kernel_forward(batch.mask, z_editors=[scaled(xi)]):
-        logits = model.kernel_model(input_ids=batch.tokens, attention_mask=batch.mask.long()).logits
+    logits = run(model, batch, edits=OutputEdits([scaled(xi)]), grad=True)
     next_token_loss(logits, batch).backward()
     xi_ref = torch.ones(1, requires_grad=True)
 
@@ -79,7 +81,8 @@ def test_editor_is_differentiable_like_hook_z(name, request):
         factor = torch.ones(z.shape[2]).index_put((torch.tensor([HEAD]),), xi_ref)
         return z * factor[None, None, :, None]
 
-    model.loss(batch, fwd_hooks=[(hook_name(LAYER, "z"), hook)], grad=True).backward()
+    model.loss(batch, fwd_hooks=[(hook_name(LAYER, "z"), hook), ("blocks.0.attn.hook_pattern", lambda p, hook: p)],
+               grad=True).backward()
     assert xi.grad is not None and xi.grad.abs() > 0
     torch.testing.assert_close(xi.grad, xi_ref.grad, rtol=1e-4, atol=1e-5)
 
@@ -88,8 +91,8 @@ def test_zero_editor_in_cached_greedy_generation(tiny_llama):
     model = tiny_llama
     batch = model.tokenize(PROMPTS[:1])
     editor = ZeroHead(LAYER, HEAD)
-    with torch.no_grad(), kernel_forward(batch.mask, z_editors=[editor]):
-        out = model.kernel_model.generate(
+    with torch.no_grad(), bridge_call(model, batch.mask, edits=OutputEdits([editor])):
+        out = model.bridge.original_model.generate(
             input_ids=batch.tokens, attention_mask=batch.mask.long(), max_new_tokens=5, do_sample=False,
             output_scores=True, return_dict_in_generate=True, pad_token_id=model.pad_id)
     n = batch.tokens.shape[1]
@@ -109,12 +112,12 @@ def test_generation_with_left_padding_extends_the_mask(tiny_llama):
     mask = torch.stack([torch.arange(width) >= width - len(i) for i in ids])
     args = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
                 pad_token_id=model.pad_id)
-    with torch.no_grad(), kernel_forward(mask, z_editors=[ZeroHead(LAYER, HEAD)]):
-        together = model.kernel_model.generate(input_ids=tokens, attention_mask=mask.long(), **args)
+    with torch.no_grad(), bridge_call(model, mask, edits=OutputEdits([ZeroHead(LAYER, HEAD)])):
+        together = model.bridge.original_model.generate(input_ids=tokens, attention_mask=mask.long(), **args)
     for row, seq in enumerate(ids):
-        with torch.no_grad(), kernel_forward(torch.ones(1, len(seq), dtype=torch.bool),
-                                             z_editors=[ZeroHead(LAYER, HEAD)]):
-            alone = model.kernel_model.generate(input_ids=seq[None], attention_mask=torch.ones(1, len(seq)).long(),
+        with torch.no_grad(), bridge_call(model, torch.ones(1, len(seq), dtype=torch.bool),
+                                          edits=OutputEdits([ZeroHead(LAYER, HEAD)])):
+            alone = model.bridge.original_model.generate(input_ids=seq[None], attention_mask=torch.ones(1, len(seq)).long(),
                                                 **args)
         torch.testing.assert_close(torch.stack([s[row] for s in together.scores]), torch.cat(alone.scores),
                                    rtol=1e-4, atol=1e-4)

@@ -134,15 +134,17 @@ def test_frame_and_errors(tiny_llama):
     assert list(frame.columns) == FRAME_COLUMNS
     assert set(frame["metric"]) == {"sink_score", "first4_mass"}
     assert len(frame) == 2 * tiny_llama.n_layers * tiny_llama.n_heads
-    with_model = Sinks().fit_run(tiny_llama, None, cap).to_frame()
+    with_model = Sinks().fit(cap, model=tiny_llama).to_frame()
     assert set(with_model["metric"]) == {"sink_score", "first4_mass", "noop_score"}
     with pytest.raises(InputError, match="needs the model"):
         Sinks(["noop_score"]).fit(cap)
-    for kwargs in ({"tau": 0}, {"eps": 1.5}, {"min_layer_frac": 0}, {"sink_source": "last"}):
+    with pytest.raises(InputError, match="needs a capture"):
+        Sinks().fit(model=tiny_llama)
+    for kwargs in ({"tau": 0}, {"eps": 1.5}, {"min_layer_frac": 0}, {"sink_source": "last"}, {"batch_size": 0}):
         with pytest.raises(InputError):
-            Sinks(**kwargs)
-    with pytest.raises(InputError):
-        Sinks(["sink"])
+            Sinks(**kwargs).fit(cap)
+    with pytest.raises(InputError, match="unknown metric"):
+        Sinks(["sink"]).fit(cap)
     with pytest.raises(InputError, match="no sample has 64 tokens"):
         sink_rate(tiny_llama, tiny_llama.tokenize(["short prompt"]))
     with pytest.raises(InputError):

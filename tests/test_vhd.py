@@ -122,7 +122,7 @@ def test_bad_inputs_raise(tiny_llama):
     with pytest.raises(InputError, match="alpha"):
         vhr_select(tiny_llama, context_prompt(tiny_llama, TEXT), alpha=-0.5)
     with pytest.raises(InputError, match="no context span"):
-        VHD().fit(tiny_llama, tiny_llama.tokenize(["plain text without a span"]))
+        VHD().fit(model=tiny_llama, batch=tiny_llama.tokenize(["plain text without a span"]))
     batch = tiny_llama.tokenize(["a b c d e"], meta=[{"span": [2, 40]}])
     with pytest.raises(InputError, match="outside the prompt"):
         prompts_from_batch(batch)
@@ -130,8 +130,8 @@ def test_bad_inputs_raise(tiny_llama):
         image_prompt(tiny_llama, "What is here?", torch.zeros(1, 3, 32, 32))
     with pytest.raises(InputError):
         t_vhd(torch.ones(2, 4), 5)
-    with pytest.raises(InputError):
-        VHD(top_k=0)
+    with pytest.raises(InputError, match="top_k"):
+        VHD(top_k=0).fit(model=tiny_llama, batch=batch)
 
 
 def test_t_vhd_and_probe_frame(tiny_llama):
@@ -140,11 +140,14 @@ def test_t_vhd_and_probe_frame(tiny_llama):
     assert default_top_k(9) == 2 and default_top_k(4) == 1
     batch = tiny_llama.tokenize(["The sky is blue today. Question: colour? Answer:"] * 2,
                                 meta=[{"span": [1, 6]}, {"span": [1, 4]}])
-    probe = VHD(top_k=2).fit_run(tiny_llama, batch, None)
+    probe = VHD(top_k=2).fit(model=tiny_llama, batch=batch)
     frame = probe.to_frame()
     assert list(frame.columns) == FRAME_COLUMNS and len(frame) == tiny_llama.n_layers * tiny_llama.n_heads
     assert probe.per_sample_["vhd"].shape == (2, tiny_llama.n_layers, tiny_llama.n_heads)
     torch.testing.assert_close(probe.tvhd_, t_vhd(probe.per_sample_["vhd"], 2))
+    part = VHD(top_k=2, layers=[1], heads=[0, 2]).fit(model=tiny_llama, batch=prompts_from_batch(batch))
+    torch.testing.assert_close(part.per_sample_["vhd"], probe.per_sample_["vhd"][:, 1:, [0, 2]], atol=1e-5, rtol=1e-4)
+    assert part.layers_ == [1] and part.heads_ == [0, 2] and len(part.to_frame()) == 2
 
 
 def test_layer_selection_rule():
@@ -170,7 +173,7 @@ def test_vhr_is_sequential_and_fixed(tiny_llama):
     from workbench.interventions import InterventionSet
 
     earlier = InterventionSet([i for i in first if i.layer == 0])
-    reinforced, _ = compute_vhd(tiny_llama, [prompt], layers=[1], hooks=earlier.hooks(tiny_llama))
+    reinforced, _ = compute_vhd(tiny_llama, [prompt], layers=[1], edits=earlier.compile(tiny_llama))
     plain, _ = compute_vhd(tiny_llama, [prompt], layers=[1])
     torch.testing.assert_close(selection.vhd[1], reinforced[0][0, 0])
     assert not torch.allclose(selection.vhd[1], plain[0][0, 0])
@@ -209,7 +212,7 @@ def test_smollm2_context_qa(smollm2):
     from workbench.intervened_run import generate
 
     batch = load_dataset("context_qa", smollm2, n=4)
-    probe = VHD().fit(smollm2, batch)
+    probe = VHD().fit(model=smollm2, batch=batch)
     vhd = probe.per_sample_["vhd"]
     assert vhd.shape == (4, 30, 9) and torch.isfinite(vhd).all() and (vhd >= 0).all() and vhd.max() > 0
     prompt = prompts_from_batch(batch)[0]

@@ -1,10 +1,10 @@
 """Stats-mode capture: per-head statistics from the recompute kernels, no ``[q, k]`` map.
 
-The model's Hugging Face copy (:attr:`HookedModel.kernel_model`) runs inside
-:func:`workbench.kernel_attention.kernel_forward`; every attention call goes through
-:func:`kernels.attention_with_stats` with ``received=True`` (output, LSE, per-row statistics and
-received mass; on the CPU: PyTorch's fused SDPA kernel for out + LSE, then one exact pass) and a
-recorder keeps, for the selected layers and heads only:
+The one forward (:func:`workbench.forward.run`) runs with the ``"stats"`` attention backend:
+every attention call goes through :func:`kernels.attention_with_stats` with ``received=True``
+(output, LSE, per-row statistics and received mass; on the CPU: PyTorch's fused SDPA kernel for
+out + LSE, then one exact pass; heads with pattern-level interventions recomputed exactly in
+row blocks, :mod:`workbench.head_edits`) and a recorder keeps, for the selected layers and heads only:
 
 - the METRICS §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
 - received mass per key (``AttentionStats.received``, computed in the same attention call);
@@ -13,30 +13,24 @@ recorder keeps, for the selected layers and heads only:
 - with ``keep_qk``: ``q.L [B, H_sel, N, d]``, ``k.L [B, Hkv, N, d]``, ``lse.L [B, H_sel, N]`` fp32
   for exact tiles and thumbnails later (:mod:`workbench.recompute`).
 
-Per-layer tensors are dropped as soon as the layer is recorded, the LM head never runs, and the
-forward stops after the last selected layer. TransformerLens hooks cannot reach the kernel model:
-interventions come in as an ``InterventionSet`` and are applied as z editors.
+Per-layer tensors are dropped as soon as the layer is recorded and the forward stops after the
+last selected layer (no LM head).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from workbench.attention_backend import AttentionCall
 from workbench.batch import TokenBatch
-from workbench.capture import Capture
-from workbench.errors import InputError, WorkbenchError
-from workbench.kernel_attention import AttentionCall, kernel_forward
-from workbench.model import Hook, HookedModel
-from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES
+from workbench.capture_data import Capture
+from workbench.errors import WorkbenchError
+from workbench.forward import Hook, run
+from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES, detector_rows
+from workbench.progress import Progress
 from workbench.recompute import detector_rows_from_qk, token_groups
-
-
-class _StopForward(Exception):
-    """Raised by the recorder after the last selected layer: nothing later is needed."""
 
 
 class StatsRecorder:
@@ -46,12 +40,14 @@ class StatsRecorder:
     recorder at rows ``rows`` of width ``width`` before each chunk's forward.
     """
 
-    def __init__(self, model: HookedModel, n_samples: int, width: int, layers: Sequence[int],
-                 heads: Sequence[int], keep_qk: bool, detectors: bool = True) -> None:
+    def __init__(self, model, n_samples: int, width: int, layers: Sequence[int],
+                 heads: Sequence[int], keep_qk: bool, detectors: bool = True, edits=None) -> None:
         B, N, L, H = n_samples, width, len(layers), len(heads)
         self.layer_pos = {layer: li for li, layer in enumerate(layers)}
+        self.n_layers = model.n_layers
         self.last_layer = max(layers)
         self.heads = torch.tensor(list(heads))
+        self.head_pos = {head: hi for hi, head in enumerate(heads)}
         self.all_heads = list(heads) == list(range(model.n_heads))
         self.group = model.n_heads // model.n_kv_heads
         self.kv_of_head = self.heads // self.group
@@ -72,7 +68,8 @@ class StatsRecorder:
         self.chunk: TokenBatch | None = None
         self.rows = slice(0, 0)
         self.groups: list = []
-        self.bar = None
+        self.tracker: Progress | None = None
+        self.edited = edits.pattern if edits is not None else {}  # layer -> head -> pattern interventions
 
     def start(self, chunk: TokenBatch, first_row: int) -> None:
         """Point the recorder at the samples ``chunk`` (rows from ``first_row``)."""
@@ -102,15 +99,14 @@ class StatsRecorder:
         self._received(li, result)
         if self.detectors:
             self._detectors(li, q, k, lse, call.scale)
+            self._edited_detectors(li, call, result)
         if self.keep_qk:
             layer = call.layer
             self.extras[f"q.{layer}"][rows, :, :width] = q.cpu()
             self.extras[f"k.{layer}"][rows, :, :width] = call.key.float().cpu()
             self.extras[f"lse.{layer}"][rows, :, :width] = lse.cpu()
-        if self.bar is not None:
-            self.bar.set_postfix(layer=call.layer, refresh=False)
-        if call.layer == self.last_layer:
-            raise _StopForward
+        if self.tracker is not None:
+            self.tracker.step_info(f"layer {call.layer + 1}/{self.n_layers}")
 
     def _selected(self, call: AttentionCall, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 ``q [b, H_sel, N, d]``, ``k`` per selected head ``[b, H_sel, N, d]``, ``lse [b, H_sel, N]``."""
@@ -129,6 +125,20 @@ class StatsRecorder:
         self.received[self.rows, li, :, :width] = raw.float().cpu()
         self.received_normalized[self.rows, li, :, :width] = norm.float().cpu()
 
+    def _edited_detectors(self, li: int, call: AttentionCall, result) -> None:
+        """Detector rows of heads with pattern-level interventions, from their edited probabilities."""
+        from workbench.head_edits import edited_row_blocks
+
+        chunk, first = self.chunk, self.rows.start
+        for head, items in self.edited.get(call.layer, {}).items():
+            if head not in self.head_pos:
+                continue
+            hi = self.head_pos[head]
+            for r0, r1, probs, _ in edited_row_blocks(call, head, items, result.lse[:, head].float()):
+                rows = detector_rows(probs[:, None].cpu(), chunk.tokens, chunk.mask, r0)
+                for name, value in rows.items():
+                    self.row_stats[name][first:first + len(chunk), li, hi, r0:r1] = value[:, 0]
+
     def _detectors(self, li: int, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> None:
         for b, groups in enumerate(self.groups):
             n = groups.length
@@ -139,62 +149,41 @@ class StatsRecorder:
                 self.row_stats[name][self.rows.start + b, li, :, :n] = value.cpu()
 
 
-def capture_stats(model: HookedModel, batch: TokenBatch, *, layers: Sequence[int], heads: Sequence[int],
+def capture_stats(model, batch: TokenBatch, *, layers: Sequence[int], heads: Sequence[int],
                   keep_qk: bool = False, batch_size: int = 8, local_window: int = 8,
-                  fwd_hooks: Sequence[Hook] = (), progress: bool = True, interventions=None,
+                  fwd_hooks: Sequence[Hook] = (), edits=None, progress: Progress | None = None,
                   detectors: bool = True) -> Capture:
     """Stats-mode capture of ``batch`` (see the module docstring); same fields as patterns mode.
 
     Args:
-        model: the loaded model (its ``kernel_model`` is built on first use).
+        model: the loaded :class:`workbench.model.HookedModel`.
         batch: right-padded token batch.
         layers, heads: validated, sorted selections.
         keep_qk: keep fp32 Q/K/LSE of the selected heads for :mod:`workbench.recompute`.
         batch_size: samples per forward.
         local_window: ``w`` of the local-mass statistic.
-        fwd_hooks: must be empty (TransformerLens hooks cannot reach the kernel model).
-        progress: tqdm bar over batches.
-        interventions: optional ``InterventionSet`` applied through its z editors.
+        fwd_hooks: TransformerLens hooks active during the forward (``hook_pattern`` never fires here).
+        edits: compiled interventions (:class:`workbench.head_edits.HeadEdits`) or None.
+        progress: progress and cancellation (checked after every layer).
         detectors: gather the detector rows (``induction_mass`` / ``duplicate_mass``).
-    Raises:
-        InputError: ``fwd_hooks`` given, bad ``batch_size``/``local_window``.
     """
-    if fwd_hooks:
-        raise InputError("stats mode runs the kernel model, which TransformerLens hooks cannot reach: pass "
-                         "interventions=InterventionSet(...) (applied as z editors) or use mode='patterns'")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 0:
-        raise InputError(f"local_window must be a non-negative int, got {local_window!r}")
-    editors = interventions.z_editors(model, batch) if interventions is not None else ()
-    from kernels import attention_with_stats
-
-    attention = functools.partial(attention_with_stats, local_window=local_window, received=True)
     B, N = batch.tokens.shape
-    recorder = StatsRecorder(model, B, N, layers, heads, keep_qk, detectors)
-    kernel_model = model.kernel_model
-    device = next(kernel_model.parameters()).device
-    body = kernel_model.base_model  # no LM head: capture needs only the attention calls
-    chunks = batch.chunks(batch_size)
+    recorder = StatsRecorder(model, B, N, layers, heads, keep_qk, detectors, edits)
+    recorder.tracker = progress
+    stop = max(layers) + 1
     start = 0
-    with tqdm(chunks, desc="capture (stats)", unit="batch", disable=not progress) as bar:
-        recorder.bar = bar
-        for chunk in bar:
-            recorder.start(chunk, start)
-            mask = chunk.mask.to(device)
-            with model.lock, torch.no_grad(), kernel_forward(mask, attention=attention, recorders=[recorder],
-                                                             z_editors=editors):
-                try:
-                    body(input_ids=chunk.tokens.to(device), attention_mask=mask.long(), use_cache=False)
-                except _StopForward:
-                    pass
-            start += len(chunk)
-    recorder.bar = None
+    for chunk in batch.chunks(batch_size):
+        recorder.start(chunk, start)
+        run(model, chunk, backend="stats", edits=edits, fwd_hooks=fwd_hooks, recorders=[recorder],
+            stop_at_layer=stop if stop < model.n_layers else None, local_window=local_window)
+        start += len(chunk)
+        if progress is not None:
+            progress.advance(len(chunk))
+    if progress is not None:
+        progress.close()
     for name in DETECTOR_ROWS if detectors else ():  # rows beyond each sample's length have no target
         recorder.row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
     info = {"local_window": local_window, "scale": recorder.scale, "kv_group": recorder.group}
-    if interventions is not None:
-        info["interventions"] = interventions.text
     return Capture(
         model_name=model.name, mode="stats", causal=model.causal, tokens=batch.tokens, mask=batch.mask,
         str_tokens=[model.str_tokens(t[m]) for t, m in zip(batch.tokens, batch.mask)],

@@ -39,6 +39,23 @@ def list_datasets() -> list[str]:
     return sorted(BUNDLED)
 
 
+def dataset_source(name_or_path: str) -> tuple[Path, str]:
+    """``(file, name)`` of a bundled name or a ``.txt``/``.jsonl`` path, checked without a model.
+
+    Raises:
+        InputError: unknown name, missing file, or an unsupported suffix.
+    """
+    if name_or_path in BUNDLED:
+        return datasets_dir() / BUNDLED[name_or_path], name_or_path
+    path = Path(str(name_or_path)).expanduser()
+    if not path.is_file():
+        raise InputError(f"unknown dataset '{name_or_path}': use one of {', '.join(list_datasets())} "
+                         "or the path of a .txt/.jsonl file")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise InputError(f"dataset file {path} must end in .txt or .jsonl")
+    return path, path.name
+
+
 def load_dataset(name_or_path: str, model: HookedModel, *, n: int | None = None,
                  seq_len: int | None = None, seed: int | None = None) -> TokenBatch:
     """Load a bundled dataset by name, or a ``.txt``/``.jsonl`` file, tokenized for ``model``.
@@ -57,13 +74,7 @@ def load_dataset(name_or_path: str, model: HookedModel, *, n: int | None = None,
         raise InputError(f"n={n}: ask for at least one sequence")
     if seq_len is not None and not 2 <= seq_len <= model.n_ctx:
         raise InputError(f"--seq-len {seq_len} must be between 2 and the model context ({model.n_ctx})")
-    if name_or_path in BUNDLED:
-        path, name = datasets_dir() / BUNDLED[name_or_path], name_or_path
-    else:
-        path, name = Path(name_or_path).expanduser(), Path(name_or_path).name
-        if not path.is_file():
-            raise InputError(f"unknown dataset '{name_or_path}': use one of {', '.join(list_datasets())} "
-                             "or the path of a .txt/.jsonl file")
+    path, name = dataset_source(name_or_path)
     if path.suffix == ".json":
         batch = _repeated_random(json.loads(path.read_text()), model, seq_len, seed)
     elif path.suffix == ".txt":

@@ -1,4 +1,4 @@
-"""Per-head interventions (METRICS §7): the spec, its validation and the exact rules.
+"""Per-head interventions (METRICS §7): the spec, its parsing and validation.
 
 Every intervention acts on one query head ``(layer, head)`` of a forward:
 
@@ -9,12 +9,9 @@ Every intervention acts on one query head ``(layer, head)`` of a forward:
 - pattern-level (on the head's attention ``A``): ``softpag`` (A <- (1-u) A + u I) and
   ``redistribute`` (the VAR rule of METRICS §3, :func:`redistribute_delta`).
 
-Order: on one head, pattern-level edits run first (the pattern exists before its output),
-each group in list order; different heads are independent. Two equivalent implementations:
-``hooks()`` (patterns mode: TransformerLens hooks on the bridge, ``hook_pattern`` then
-``hook_z``) and ``z_editors()`` (stats mode: ``z`` editors for
-:func:`workbench.kernel_attention.kernel_forward`; pattern edits become exact ``z`` corrections
-from ``v`` and probabilities recomputed as ``exp(scale q·k - LSE)`` on the needed columns only).
+:meth:`InterventionSet.compile` turns a set into the :class:`workbench.head_edits.HeadEdits` that
+the one attention function applies in every backend (the exact rules live there), so a capture,
+a loss, a gradient or a generated token sees the same edits whatever the attention backend.
 """
 
 from __future__ import annotations
@@ -28,14 +25,10 @@ import torch
 
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
-from workbench.kernel_attention import AttentionCall, ZEditor, kernel_forward
-from workbench.model import bind_hook, Hook, hook_name, HookedModel
+from workbench.head_edits import PATTERN_KINDS, SPAN_MASS_MIN, HeadEdits, redistribute_delta
 
 InterventionKind = Literal["zero", "mean", "resample", "scale", "softpag", "redistribute"]
 KINDS: tuple[str, ...] = ("zero", "mean", "resample", "scale", "softpag", "redistribute")
-PATTERN_KINDS = ("softpag", "redistribute")
-SPAN_MASS_MIN = 0.2
-"""VAR selection: a query is redistributed only when its mass on the target span is >= this."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +58,7 @@ class HeadIntervention:
             return text + (f";span={self.span[0]}:{self.span[1]}" if self.span is not None else "")
         return base
 
-    def check(self, model: HookedModel) -> None:
+    def check(self, model) -> None:
         """Raise :class:`InputError` for an index or parameter out of range."""
         name = self.label.split(":")[0]
         if self.kind not in KINDS:
@@ -141,68 +134,6 @@ class ReferenceZ:
         return torch.where(inside, values, self.per_sample[source][:, None])
 
 
-def redistribute_delta(probs: torch.Tensor, is_sink: torch.Tensor, in_span: torch.Tensor,
-                       keep: float, rho: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """VAR change of the attention on a set of columns (METRICS §3).
-
-    Args:
-        probs: ``[..., C]`` current probabilities of each query row on C columns.
-        is_sink, in_span: ``[C]`` bool: the column is a sink / in the target span.
-        keep: fraction p of the sink mass kept; rho: non-sink share threshold.
-        valid: ``[...]`` rows that may be edited (real queries); None = all.
-    Returns:
-        ``[..., C]`` additive change: sinks lose ``(1-p)`` of their weight and the freed mass
-        ``Ω`` goes to the non-sink span columns in proportion to their weights, for rows whose
-        span mass is >= 0.2 and whose non-sink share of it is >= rho (zero elsewhere).
-    """
-    sink = probs * is_sink
-    target = probs * (in_span & ~is_sink)
-    span_mass = (probs * in_span).sum(-1, keepdim=True)
-    target_mass = target.sum(-1, keepdim=True)
-    selected = (span_mass >= SPAN_MASS_MIN) & (target_mass >= rho * span_mass) & (target_mass > 0)
-    if valid is not None:
-        selected = selected & valid[..., None]
-    omega = (1.0 - keep) * sink.sum(-1, keepdim=True)
-    delta = -(1.0 - keep) * sink + omega * target / target_mass.clamp_min(torch.finfo(probs.dtype).tiny)
-    return torch.where(selected, delta, torch.zeros_like(delta))
-
-
-def _identity_columns(positions: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``[n, C]`` float: 1 where the column is the query's own position (the ``I`` of SoftPAG)."""
-    return (columns[None, :] == positions[:, None]).float()
-
-
-def _sink_and_span(item: HeadIntervention, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[C]`` bool masks: the column is a sink / in the target span (``span=None``: every column)."""
-    is_sink = torch.isin(columns, torch.tensor(item.sink_positions, device=columns.device))
-    if item.span is None:
-        return is_sink, torch.ones_like(is_sink)
-    return is_sink, (columns >= item.span[0]) & (columns < item.span[1])
-
-
-def _edit_pattern(item: HeadIntervention, pattern: torch.Tensor) -> torch.Tensor:
-    """Apply a pattern-level edit to one head's full map ``[B, Nq, Nk]`` (query i at i + Nk - Nq)."""
-    n_q, n_k = pattern.shape[-2:]
-    columns = torch.arange(n_k, device=pattern.device)
-    positions = columns[n_k - n_q:]
-    if item.kind == "softpag":
-        return (1 - item.u) * pattern + item.u * _identity_columns(positions, columns).to(pattern.dtype)
-    is_sink, in_span = _sink_and_span(item, columns)
-    return pattern + redistribute_delta(pattern.float(), is_sink, in_span, item.keep, item.rho).to(pattern.dtype)
-
-
-def _edit_output(item: HeadIntervention, z: torch.Tensor, positions: torch.Tensor,
-                 reference: ReferenceZ | None) -> torch.Tensor:
-    """Apply an output-level edit to one head's ``z [B, n, d]`` at absolute ``positions [n]``."""
-    if item.kind == "zero":
-        return torch.zeros_like(z)
-    if item.kind == "scale":
-        return z * item.alpha
-    if item.kind == "mean":
-        return reference.mean_at(positions.cpu()).to(z)[None].expand_as(z)
-    return reference.resample_at(z.shape[0], positions.cpu()).to(z)
-
-
 class InterventionSet:
     """An ordered, composable collection of :class:`HeadIntervention`.
 
@@ -236,7 +167,7 @@ class InterventionSet:
     def with_reference(self, reference: TokenBatch | None) -> "InterventionSet":
         return InterventionSet(self.items, reference=reference)
 
-    def validate(self, model: HookedModel, batch: TokenBatch | None = None) -> None:
+    def validate(self, model, batch: TokenBatch | None = None) -> None:
         """Raise :class:`InputError` before anything runs (indices, parameters, spans, reference)."""
         for item in self.items:
             item.check(model)
@@ -252,174 +183,47 @@ class InterventionSet:
         if self.reference is not None and len(self.reference) == 0:
             raise InputError("the reference batch is empty: give at least one sample")
 
-    # ------------------------------------------------------------ reference values
+    # ------------------------------------------------------------ compiled for a forward
     def _needed_reference(self) -> list[tuple[int, int]]:
         return sorted({(i.layer, i.head) for i in self.items if i.kind in ("mean", "resample")})
 
-    def reference_values(self, model: HookedModel, mode: str = "patterns") -> dict[tuple[int, int], ReferenceZ]:
+    def reference_values(self, model) -> dict[tuple[int, int], ReferenceZ]:
         """Clean per-head outputs of the reference batch for every mean/resample head."""
+        from workbench.forward import run
+
         needed = self._needed_reference()
         if not needed:
             return {}
         layers = sorted({layer for layer, _ in needed})
         store: dict[int, torch.Tensor] = {}
-        ref = self.reference
-        if mode == "patterns":
-            def keep(z, hook, layer):
-                store[layer] = z.detach().float().cpu()
-                return z
-            hooks = [(hook_name(layer, "z"), bind_hook(keep, layer=layer)) for layer in layers]
-            model.run(ref, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
-        else:
-            def record(z, call):
-                if call.layer in layers:
-                    store[call.layer] = z.detach().float().cpu()
-                return z
-            with model.lock, torch.no_grad(), kernel_forward(ref.mask, z_editors=[record]):
-                device = model.kernel_model.device
-                model.kernel_model(input_ids=ref.tokens.to(device), attention_mask=ref.mask.long().to(device))
-        return {(layer, head): ReferenceZ(store[layer][:, :, head], ref.mask.cpu()) for layer, head in needed}
 
-    # ------------------------------------------------------------ patterns mode
-    def hooks(self, model: HookedModel, batch: TokenBatch | None = None) -> list[Hook]:
-        """TransformerLens hooks (``hook_pattern`` / ``hook_z``) for ``model.run(fwd_hooks=...)``."""
-        self.validate(model, batch)
-        refs = self.reference_values(model, "patterns")
-        hooks: list[Hook] = []
-        for layer in sorted({i.layer for i in self.items}):
-            pattern_items = [i for i in self.items if i.layer == layer and i.kind in PATTERN_KINDS]
-            output_items = [i for i in self.items if i.layer == layer and i.kind not in PATTERN_KINDS]
-            if pattern_items:
-                hooks.append((hook_name(layer, "pattern"), bind_hook(_pattern_hook, items=pattern_items)))
-            if output_items:
-                hooks.append((hook_name(layer, "z"), bind_hook(_z_hook, items=output_items, refs=refs)))
-        return hooks
+        def keep(call, result) -> None:
+            if call.layer in layers:
+                store[call.layer] = result.out.detach().transpose(1, 2).float().cpu()  # [R, N, Hq, d]
 
-    # ------------------------------------------------------------ stats mode
-    def z_editors(self, model: HookedModel, batch: TokenBatch | None = None) -> list[ZEditor]:
-        """Editors ``(z, call) -> z`` for :func:`workbench.kernel_attention.kernel_forward`."""
+        run(model, self.reference, recorders=[keep], stop_at_layer=layers[-1] + 1)
+        ref_mask = self.reference.mask.cpu()
+        return {(layer, head): ReferenceZ(store[layer][:, :, head], ref_mask) for layer, head in needed}
+
+    def compile(self, model, batch: TokenBatch | None = None) -> HeadEdits | None:
+        """Validate against ``model`` (and ``batch``) and return the edits a forward applies (None when empty)."""
         self.validate(model, batch)
         if not self.items:
-            return []
-        refs = self.reference_values(model, "stats")
-        by_layer: dict[int, list[HeadIntervention]] = {}
-        for item in self.items:
-            by_layer.setdefault(item.layer, []).append(item)
-
-        def edit(z: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-            items = by_layer.get(call.layer)
-            if not items:
-                return z
-            z = z.clone()
-            offset = call.key.shape[2] - call.query.shape[2]
-            positions = torch.arange(z.shape[1], device=z.device) + offset
-            for head in dict.fromkeys(i.head for i in items):
-                mine = [i for i in items if i.head == head]
-                zh = z[:, :, head].float()
-                pattern_items = [i for i in mine if i.kind in PATTERN_KINDS]
-                if pattern_items:
-                    zh = _stats_pattern_edits(pattern_items, zh, call, head, positions)
-                for item in mine:
-                    if item.kind not in PATTERN_KINDS:
-                        zh = _edit_output(item, zh, positions, refs.get((item.layer, head)))
-                z[:, :, head] = zh.to(z.dtype)
-            return z
-        return [edit]
+            return None
+        return HeadEdits(self.items, self.reference_values(model))
 
 
-
-def _pattern_hook(pattern: torch.Tensor, hook, *, items: list[HeadIntervention]) -> torch.Tensor:
-    """``hook_pattern [B, Hq, Nq, Nk]``: pattern edits in list order."""
-    pattern = pattern.clone()
-    for item in items:
-        pattern[:, item.head] = _edit_pattern(item, pattern[:, item.head])
-    return pattern
-
-
-def _z_hook(z: torch.Tensor, hook, *, items: list[HeadIntervention],
-            refs: dict[tuple[int, int], ReferenceZ]) -> torch.Tensor:
-    """``hook_z [B, N, Hq, d]``: output edits in list order."""
-    z = z.clone()
-    positions = torch.arange(z.shape[1], device=z.device)
-    for item in items:
-        z[:, :, item.head] = _edit_output(item, z[:, :, item.head], positions, refs.get((item.layer, item.head)))
-    return z
-
-
-def _stats_pattern_edits(items: list[HeadIntervention], zh: torch.Tensor, call: AttentionCall,
-                         head: int, positions: torch.Tensor) -> torch.Tensor:
-    """Pattern edits of one head as exact ``z`` corrections (stats mode).
-
-    ``zh [B, Nq, d]`` fp32. SoftPAG: ``z <- (1-u) z + u v_self``. Redistribute: ``z += Σ_j ΔA_ij v_j``
-    over the sink and span columns, with ``A_ij = exp(scale q_i·k_j - LSE_i)`` recomputed on those
-    columns only; without a span the non-sink remainder is one aggregate column whose weighted
-    value is ``z - Σ_{j in C} A_ij v_j``. Earlier edits are tracked on the columns so later ones
-    see the edited pattern.
-    """
-    kv_head = head // (call.query.shape[1] // call.key.shape[1])
-    values = call.value[:, kv_head].float()  # [B, Nk, d]
-    n_k = values.shape[1]
-    v_self = values[:, positions]
-    redistributes = [i for i in items if i.kind == "redistribute"]
-    cols = sorted({p for i in redistributes for p in i.sink_positions if p < n_k}
-                  | {p for i in redistributes if i.span is not None for p in range(i.span[0], min(i.span[1], n_k))})
-    columns = torch.tensor(cols, dtype=torch.long, device=zh.device)
-    with_rest = any(i.span is None for i in redistributes)
-    probs = rest_mass = rest_sum = valid = None
-    if redistributes:
-        probs, valid = _column_probs(call, head, kv_head, columns, positions)
-        v_cols = values[:, columns]  # [B, C, d]
-        if with_rest:
-            rest_mass = torch.where(valid, 1.0 - probs.sum(-1), torch.zeros_like(valid, dtype=probs.dtype))
-            rest_sum = zh - probs @ v_cols
-    outside = (~torch.isin(positions, columns)).float()[None, :, None]  # the own column lies in the rest
-    for item in items:
-        if item.kind == "softpag":
-            zh = (1 - item.u) * zh + item.u * v_self
-            if probs is not None:
-                probs = (1 - item.u) * probs + item.u * _identity_columns(positions, columns)[None]
-            if rest_mass is not None:
-                rest_mass = (1 - item.u) * rest_mass + item.u * outside[..., 0]
-                rest_sum = (1 - item.u) * rest_sum + item.u * outside * v_self
-            continue
-        is_sink, in_span = _sink_and_span(item, columns)
-        full = probs
-        if with_rest:
-            full = torch.cat([probs, rest_mass[..., None]], -1)
-            is_sink = torch.cat([is_sink, is_sink.new_zeros(1)])
-            in_span = torch.cat([in_span, in_span.new_full((1,), item.span is None)])
-        delta = redistribute_delta(full, is_sink, in_span, item.keep, item.rho, valid)
-        zh = zh + delta[..., :len(cols)] @ v_cols
-        probs = probs + delta[..., :len(cols)]
-        if with_rest:
-            grow = torch.where(rest_mass > 0, delta[..., -1] / rest_mass.clamp_min(1e-30), torch.zeros_like(rest_mass))
-            zh = zh + grow[..., None] * rest_sum
-            rest_sum = rest_sum * (1 + grow[..., None])
-            rest_mass = rest_mass + delta[..., -1]
-    return zh
-
-
-def _column_probs(call: AttentionCall, head: int, kv_head: int, columns: torch.Tensor,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A[:, :, columns] [B, Nq, C] fp32, real-row mask [B, Nq])`` of one head from q, k, LSE.
-
-    The LSE comes from :func:`kernels.attention_with_stats` on this head alone (streaming, no map).
-    """
-    from kernels import attention_with_stats
-
-    q = call.query[:, head:head + 1]
-    k = call.key[:, kv_head:kv_head + 1]
-    lse = attention_with_stats(q, k, call.value[:, kv_head:kv_head + 1], causal=call.causal,
-                               key_padding_mask=call.key_padding_mask, scale=call.scale).lse[:, 0]
-    logits = call.scale * torch.einsum("bqd,bcd->bqc", q[:, 0].float(), k[:, 0, columns].float())
-    visible = torch.ones(len(positions), len(columns), dtype=torch.bool, device=q.device)
-    if call.causal:
-        visible = columns[None, :] <= positions[:, None]
-    visible = visible[None] & torch.isfinite(lse)[..., None]
-    if call.key_padding_mask is not None:
-        visible = visible & call.key_padding_mask[:, None, columns]
-    probs = torch.where(visible, torch.exp(logits - lse[..., None].float()), torch.zeros_like(logits))
-    return probs, torch.isfinite(lse)
+def as_intervention_set(interventions) -> InterventionSet:
+    """``None`` / a set / a list of :class:`HeadIntervention` / spec text -> an :class:`InterventionSet`."""
+    if interventions is None:
+        return InterventionSet()
+    if isinstance(interventions, InterventionSet):
+        return interventions
+    if isinstance(interventions, str):
+        return parse_interventions(interventions) if interventions.strip() else InterventionSet()
+    if isinstance(interventions, HeadIntervention):
+        return InterventionSet([interventions])
+    return InterventionSet(interventions)
 
 
 _ITEM = re.compile(r"^L(\d+)H(\d+):([a-z]+)(?:=([^;]+))?((?:;[a-z_]+=[^;]+)*)$")
@@ -467,5 +271,5 @@ def parse_interventions(text: str, *, reference: TokenBatch | None = None) -> In
     return InterventionSet(items, reference=reference)
 
 
-__all__ = ["HeadIntervention", "InterventionKind", "InterventionSet", "ReferenceZ", "parse_interventions",
-           "redistribute_delta"]
+__all__ = ["HeadIntervention", "InterventionKind", "InterventionSet", "PATTERN_KINDS", "ReferenceZ", "SPAN_MASS_MIN",
+           "as_intervention_set", "parse_interventions", "redistribute_delta"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from workbench.batch import TokenBatch, pad_sequences
-from workbench.errors import InputError, WorkbenchError
+from workbench.errors import InputError
 from workbench.pull import pull_model, verify_folder
-from workbench.registry import ModelSpec, resolve_spec
+from workbench.registry import DEFAULT_MODEL, ModelSpec, resolve_spec
 
 Hook = tuple[str, Callable]
 
@@ -55,21 +55,35 @@ class HookedModel:
         self.d_head: int = cfg.d_head
         self.n_ctx: int = cfg.n_ctx
         self.lock = threading.RLock()
-        self._kernel_model = None
+        self._sites = None
 
     @property
-    def kernel_model(self):
-        """Plain Hugging Face copy whose attention runs the workbench kernels (lazy, once).
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
 
-        Use it inside :func:`workbench.kernel_attention.kernel_forward`; see that module.
-        """
-        if self._kernel_model is None:
-            from workbench.kernel_attention import load_kernel_model
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
 
-            dtype = next(self.bridge.parameters()).dtype
-            device = next(self.bridge.parameters()).device
-            self._kernel_model = load_kernel_model(self.folder, dtype, str(device), self.causal)
-        return self._kernel_model
+    @property
+    def attention_sites(self) -> dict:
+        """``id(HF attention module) -> LayerSite`` (see :mod:`workbench.attention_backend`), built once."""
+        if self._sites is None:
+            from workbench.attention_backend import map_sites
+
+            self._sites = map_sites(self.bridge)
+        return self._sites
+
+    @property
+    def attention_configs(self) -> list:
+        """The Hugging Face configs whose ``_attn_implementation`` the attention modules read."""
+        configs = {}
+        for site in self.attention_sites.values():
+            for module in site.bridge_attn.original_component.modules():
+                config = getattr(module, "config", None)
+                if config is not None and hasattr(config, "_attn_implementation"):
+                    configs[id(config)] = config
+        return list(configs.values())
 
     @property
     def tokenizer(self):
@@ -151,23 +165,28 @@ class HookedModel:
 
     # ---------------------------------------------------------------- running
     def run(self, batch: TokenBatch, *, fwd_hooks: Sequence[Hook] = (), bwd_hooks: Sequence[Hook] = (),
-            grad: bool = False, stop_at_layer: int | None = None) -> torch.Tensor:
-        """Forward ``batch`` with hooks scoped to this call; returns logits ``[B, N, vocab]``.
+            grad: bool = False, stop_at_layer: int | None = None, backend: str | None = None,
+            interventions=None) -> torch.Tensor:
+        """Forward ``batch`` with hooks and interventions scoped to this call; logits ``[B, N, vocab]``.
 
-        Hooks are removed when the call returns or raises (TransformerLens ``hooks`` context).
+        See :func:`workbench.forward.run` (backend None: ``eager`` when a hook reads ``hook_pattern``).
         """
-        with self.lock, torch.set_grad_enabled(grad), \
-                self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
-            out = self.bridge(batch.tokens, attention_mask=batch.mask.long(), stop_at_layer=stop_at_layer)
-        _check_finite(out)
-        return out
+        from workbench.forward import run
+
+        edits = None
+        if interventions is not None:
+            from workbench.interventions import as_intervention_set
+
+            edits = as_intervention_set(interventions).compile(self, batch)
+        return run(self, batch, backend=backend, edits=edits, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks,
+                   grad=grad, stop_at_layer=stop_at_layer)
 
     def loss(self, batch: TokenBatch, *, fwd_hooks: Sequence[Hook] = (), grad: bool = False,
-             per_token: bool = False) -> torch.Tensor:
+             per_token: bool = False, interventions=None) -> torch.Tensor:
         """Next-token cross-entropy over real positions (mean, or ``[B, N-1]`` with NaN on padding)."""
         if not self.causal:
             raise InputError(f"{self.name} is an encoder: next-token loss needs a causal language model")
-        logits = self.run(batch, fwd_hooks=fwd_hooks, grad=grad)
+        logits = self.run(batch, fwd_hooks=fwd_hooks, grad=grad, interventions=interventions)
         return next_token_loss(logits, batch, per_token=per_token)
 
 
@@ -184,44 +203,96 @@ def next_token_loss(logits: torch.Tensor, batch: TokenBatch, *, per_token: bool 
     return losses[valid].mean()
 
 
-def _check_finite(tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise WorkbenchError("the model produced NaN/inf values: the checkpoint may be corrupt, "
-                             "or the dtype too narrow (try --dtype float32)")
+def load_model(name_or_path=DEFAULT_MODEL, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = torch.float32, from_file: Path | None = None) -> HookedModel:
+    """Load a model once: a registry name (pulled and cached on first use), a local Hugging Face
+    folder, a Hugging Face hub id (resolved through the standard Hugging Face cache), or a model
+    already in memory (a ``TransformerBridge``, a Hugging Face ``PreTrainedModel``, or a
+    :class:`HookedModel`, returned as is).
 
-
-def load_model(name_or_path: str = "smollm2-135m", *, device: str = "cpu",
-               dtype: torch.dtype = torch.float32, from_file: Path | None = None) -> HookedModel:
-    """Load a registry model (pulled and cached on first use) or a local HF folder.
-
-    Loaded models are kept per process, so the app and repeated notebook calls load once.
+    Loaded models are kept per process (keyed by resolved folder, device and dtype), so the app
+    and repeated notebook calls load once.
 
     Raises:
-        ModelNotFoundError: unknown name / missing folder.
+        InputError: unknown device / dtype, or CUDA asked of a torch without it.
+        ModelNotFoundError: unknown name / missing folder / uncached hub id.
         CorruptModelError: truncated or unreadable checkpoint.
     """
-    key = (str(name_or_path), str(device), str(dtype))
+    from workbench.devices import parse_device, parse_dtype
+
+    if isinstance(name_or_path, HookedModel):
+        return name_or_path
+    if isinstance(name_or_path, torch.nn.Module):
+        return _wrap_loaded(name_or_path)
+    if not isinstance(name_or_path, (str, Path)):
+        raise InputError(f"load_model takes a model name, folder, hub id or loaded model, "
+                         f"got {type(name_or_path).__name__}")
+    device, dtype = parse_device(device), parse_dtype(dtype)
+    spec = resolve_spec(str(name_or_path))
+    key = (spec.name if isinstance(spec, ModelSpec) else str(spec), str(device), str(dtype))
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        spec = resolve_spec(str(name_or_path))
         if isinstance(spec, ModelSpec):
             folder, causal = pull_model(spec, from_file=from_file), spec.causal
         else:
             verify_folder(spec)
             folder, causal = spec, _is_causal_folder(spec)
-        bridge = _boot(folder, device, dtype)
+        bridge = _boot(folder, str(device), dtype)
         model = HookedModel(str(name_or_path), folder, bridge, causal)
         _LOADED[key] = model
         return model
+
+
+def _wrap_loaded(module: torch.nn.Module) -> HookedModel:
+    """A :class:`HookedModel` around a ``TransformerBridge`` or a Hugging Face model already in memory."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(module, TransformerBridge):
+        bridge = module
+    else:
+        from transformers import PreTrainedModel
+
+        if not isinstance(module, PreTrainedModel):
+            raise InputError(f"load_model cannot use a {type(module).__name__}: pass a TransformerBridge, a "
+                             "Hugging Face PreTrainedModel, a registry name or a folder")
+        bridge = _bridge_from_hf(module)
+    hf = bridge.original_model
+    folder = Path(getattr(hf.config, "_name_or_path", "") or ".")
+    causal = hf.config.model_type not in _ENCODER_TYPES
+    bridge.eval()
+    return HookedModel(getattr(hf.config, "_name_or_path", None) or type(hf).__name__, folder, bridge, causal)
+
+
+def _bridge_from_hf(hf):
+    """Boot a ``TransformerBridge`` around an in-memory Hugging Face model (its tokenizer from its folder)."""
+    from transformers import AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    name = getattr(hf.config, "_name_or_path", "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name) if name else None
+    except (OSError, ValueError):
+        tokenizer = None
+    if tokenizer is None:
+        raise InputError("this Hugging Face model has no tokenizer folder recorded (config._name_or_path): "
+                         "load it with wb.load_model(folder) or wrap it in a TransformerBridge yourself")
+    try:
+        return TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=hf.device,
+                                                   dtype=hf.dtype)
+    except Exception as err:  # transformers/TL raise many types for unsupported models
+        raise InputError(f"cannot wrap this Hugging Face model in a TransformerBridge ({err}): "
+                         "load it with wb.load_model(folder)") from None
+
+
+_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta", "mpnet"}
 
 
 def _is_causal_folder(folder: Path) -> bool:
     import json
 
     config = json.loads((folder / "config.json").read_text())
-    encoder_types = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta", "mpnet"}
-    return config.get("model_type") not in encoder_types
+    return config.get("model_type") not in _ENCODER_TYPES
 
 
 def _boot(folder: Path, device: str, dtype: torch.dtype):

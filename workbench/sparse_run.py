@@ -3,11 +3,9 @@
 For each layer, head and query block the attention keeps ``budgets[layer, head, qblock]`` key
 blocks, chosen by mean-pooled Q·K block scores (:func:`kernels.block_scores`); the first and
 the diagonal block are always kept and count toward the budget (:func:`kernels.select_blocks`).
-The forward runs ``model.kernel_model`` inside :func:`workbench.kernel_attention.kernel_forward`
-with :class:`LayerBudgetAttention` as the attention function. The kernel interface does not
-pass the layer index to the attention function, so the function counts its calls (layers run
-in order) and a recorder checks each call's ``layer`` against the count; nothing outlives the
-forward (the attention object is built per call and the kernel context is restored on exit).
+The one forward (:func:`workbench.forward.run`) runs with :class:`LayerBudgetAttention` as its
+attention backend, which reads each call's layer from the :class:`AttentionCall`; nothing outlives
+the forward (the attention object is built per call and the call state is restored on exit).
 """
 
 from __future__ import annotations
@@ -18,36 +16,31 @@ import torch
 
 from workbench.batch import TokenBatch
 from workbench.errors import InputError, WorkbenchError
-from workbench.kernel_attention import AttentionCall, kernel_forward
+from workbench.attention_backend import AttentionCall
+from workbench.forward import run
 from workbench.model import HookedModel
 
 
 class LayerBudgetAttention:
-    """Attention function ``(q, k, v, *, causal, key_padding_mask, scale) -> AttentionStats``
-    that applies per-layer block budgets ``[L, Hq, nqb]`` and keeps what it kept.
+    """Attention backend ``(call) -> AttentionStats`` that applies per-layer block budgets
+    ``[L, Hq, nqb]`` and keeps what it kept.
 
     Attributes:
-        calls: attention calls seen (the layer index of the next call).
-        kept: per layer, kept visible (query block, key block) pairs summed over batch and heads.
-        visible: per layer, visible pairs summed over batch and heads.
+        kept: layer -> kept visible (query block, key block) pairs summed over batch and heads.
+        visible: layer -> visible pairs summed over batch and heads.
     """
 
     def __init__(self, budgets: torch.Tensor, block_size: int, backend: str = "auto") -> None:
         self.budgets, self.block_size, self.backend = budgets, block_size, backend
-        self.calls = 0
-        self.kept: list[int] = []
-        self.visible: list[int] = []
+        self.kept: dict[int, int] = {}
+        self.visible: dict[int, int] = {}
 
-    def __call__(self, q, k, v, *, causal, key_padding_mask, scale):
+    def __call__(self, call: AttentionCall):
         from kernels import block_scores, block_sparse_attention, select_blocks
 
-        layer = self.calls
-        if layer >= self.budgets.shape[0]:
-            raise WorkbenchError(f"block-sparse forward made more than {self.budgets.shape[0]} attention calls: "
-                                 "run one plain forward per sparse_forward call")
-        self.calls += 1
-        scores = block_scores(q, k, block_size=self.block_size, causal=causal, scale=scale)
-        budget = self.budgets[layer].to(q.device)  # [Hq, nqb]
+        q, k, v = call.query, call.key, call.value
+        scores = block_scores(q, k, block_size=self.block_size, causal=call.causal, scale=call.scale)
+        budget = self.budgets[call.layer].to(q.device)  # [Hq, nqb]
         if budget.shape != scores.shape[1:3]:
             raise InputError(f"block budgets hold {tuple(budget.shape)} (heads, query blocks) but the layer has "
                              f"{tuple(scores.shape[1:3])} at block size {self.block_size}: rebuild them for this length")
@@ -55,16 +48,10 @@ class LayerBudgetAttention:
         for t in range(scores.shape[2]):
             keep[:, :, t] = select_blocks(scores, budget[:, t])[:, :, t]
         finite = torch.isfinite(scores)
-        self.kept.append(int((keep & finite).sum()))
-        self.visible.append(int(finite.sum()))
-        return block_sparse_attention(q, k, v, keep, block_size=self.block_size, causal=causal,
-                                      key_padding_mask=key_padding_mask, scale=scale, backend=self.backend)
-
-    def check_layer(self, call: AttentionCall, result) -> None:
-        """Recorder: the call just made must be the layer the counter assumed."""
-        if call.layer >= 0 and call.layer != self.calls - 1:
-            raise WorkbenchError(f"attention call for layer {call.layer} arrived as call {self.calls - 1}: "
-                                 "layers ran out of order, block budgets would be misassigned")
+        self.kept[call.layer] = int((keep & finite).sum())
+        self.visible[call.layer] = int(finite.sum())
+        return block_sparse_attention(q, k, v, keep, block_size=self.block_size, causal=call.causal,
+                                      key_padding_mask=call.key_padding_mask, scale=call.scale, backend=self.backend)
 
 
 @dataclass
@@ -87,7 +74,7 @@ class SparseRun:
 
 def sparse_forward(model: HookedModel, batch: TokenBatch, budgets: torch.Tensor, *, block_size: int = 64,
                    backend: str = "auto") -> SparseRun:
-    """Forward ``batch`` through ``model.kernel_model`` with block-sparse attention.
+    """Forward ``batch`` through the model with block-sparse attention.
 
     Args:
         budgets: int ``[L, Hq, nqb]`` key blocks kept per layer, head and query block
@@ -105,12 +92,8 @@ def sparse_forward(model: HookedModel, batch: TokenBatch, budgets: torch.Tensor,
     if budgets.is_floating_point() or bool((budgets < 0).any()):
         raise InputError("budgets must be non-negative integers (blocks kept per head and query block)")
     attention = LayerBudgetAttention(budgets.long(), block_size, backend)
-    hf = model.kernel_model
-    device = next(hf.parameters()).device
-    tokens, mask = batch.tokens.to(device), batch.mask.to(device)
-    with model.lock, torch.no_grad(), kernel_forward(mask, attention=attention, recorders=[attention.check_layer]):
-        logits = hf(input_ids=tokens, attention_mask=mask.long()).logits
-    if attention.calls != model.n_layers:
-        raise WorkbenchError(f"expected {model.n_layers} attention calls, saw {attention.calls}")
-    density = [k / max(v, 1) for k, v in zip(attention.kept, attention.visible)]
+    logits = run(model, batch, backend=attention)
+    if len(attention.kept) != model.n_layers:
+        raise WorkbenchError(f"expected {model.n_layers} attention calls, saw {len(attention.kept)}")
+    density = [attention.kept[layer] / max(attention.visible[layer], 1) for layer in range(model.n_layers)]
     return SparseRun(logits, density)

@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workbench.errors import InputError, WorkbenchError
+from workbench.progress import Cancelled
 
 JobState = Literal["queued", "running", "done", "error", "cancelled"]
 FINISHED: tuple[JobState, ...] = ("done", "error", "cancelled")
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """Raised inside a job by :meth:`JobContext.check` once cancellation was asked for."""
 
 
 @dataclass

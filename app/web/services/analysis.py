@@ -15,12 +15,13 @@ import pandas as pd
 from app.web.jobs import JobContext
 from app.web.services.workspace import Workspace
 from probes.base import concat_frames
+from probes.pipeline import AnalysisResult, analyze
 from probes.registry import PROBES
 from workbench.batch import TokenBatch
-from workbench.capture import Capture, capture
+from workbench.capture import Capture, resolve_mode
 from workbench.data import list_datasets, load_dataset
-from workbench.errors import InputError, WorkbenchError
-from workbench.model import bind_hook, hook_name, HookedModel, load_model
+from workbench.errors import InputError
+from workbench.model import HookedModel, load_model
 from workbench.registry import REGISTRY
 
 Mode = Literal["patterns", "stats"]
@@ -103,7 +104,7 @@ def check_prompt(ws: Workspace, text: str | None) -> str:
 
 
 def choose_mode(ws: Workspace, n_tokens: int, n_ctx: int | None = None) -> Mode:
-    """Patterns mode (full maps kept) up to the patterns limit, stats mode up to the stats limit.
+    """The capture mode of a prompt (:func:`workbench.capture.resolve_mode` with the app's patterns limit).
 
     Raises:
         InputError: longer than the stats limit or the model's context.
@@ -113,7 +114,7 @@ def choose_mode(ws: Workspace, n_tokens: int, n_ctx: int | None = None) -> Mode:
         what = "the model's context" if limit == n_ctx and n_ctx < ws.limits.stats else "the app's limit"
         raise InputError(f"prompt is {n_tokens} tokens, longer than {what} of {limit} tokens: shorten it "
                          "(the batch CLI 'workbench analyze --mode stats --seq-len N' handles long files)")
-    return "patterns" if n_tokens <= ws.limits.patterns else "stats"
+    return resolve_mode("auto", n_tokens, ws.limits.patterns)
 
 
 # ---------------------------------------------------------------- jobs
@@ -159,7 +160,7 @@ def start_analysis(ws: Workspace, model_name: str, prompt: str) -> str:
 
 
 def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str:
-    """Load, tokenize, capture every head and fit every capture-based probe; returns the cache key."""
+    """Load, tokenize, then the one pipeline with every capture-based probe; returns the cache key."""
     ctx.progress(0.05, f"loading {model_name}")
     model = load_model(model_name)
     ctx.progress(0.3, "tokenizing")
@@ -168,72 +169,26 @@ def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str
     ids = model.encode(prompt)
     mode = choose_mode(ws, ids.numel(), model.n_ctx)
     batch = model.batch_from_ids([ids], meta=[{"prompt": prompt}])
-    cap = capture_with_checkpoints(model, batch, mode, ctx, 0.35, 0.35)
-    frames, notes = [], {}
-    capture_probes = [cls for cls in PROBES.values() if cls.needs_capture]
-    for i, cls in enumerate(capture_probes):
-        ctx.progress(0.7 + 0.3 * i / len(capture_probes), f"probe {cls.name}")
-        try:
-            frames.append(cls().fit_run(model, batch, cap).to_frame())
-        except WorkbenchError as err:
-            notes[cls.name] = str(err)
+    result = run_pipeline(model, batch, [cls.name for cls in PROBES.values() if cls.needs_capture], mode, ctx,
+                          0.35, 0.65, keep=True)
     ctx.check()  # a cancelled job publishes nothing
-    analysis = Analysis(model_name=model_name, prompt=prompt, batch=batch, capture=cap, mode=mode,
-                        frame=concat_frames(frames), notes=notes)
+    analysis = Analysis(model_name=model_name, prompt=prompt, batch=batch, capture=result.capture, mode=mode,
+                        frame=result.table, notes=result.notes)
     return ws.analyses.put(analysis)
 
 
-class LayerCheckpoints:
-    """Progress and cancellation inside one forward: a check as each layer's attention runs.
+def run_pipeline(model: HookedModel, batch: TokenBatch, probes, mode: Mode, ctx: JobContext, base: float,
+                 span: float, *, keep: bool = False, interventions=None) -> AnalysisResult:
+    """:func:`probes.pipeline.analyze` as a job step: progress mapped onto ``[base, base + span]``,
+    Cancel checked at every layer of every forward; a probe that cannot run is noted, not fatal.
 
-    Patterns mode uses TransformerLens hooks on ``hook_pattern`` (scoped to the capture call);
-    stats mode passes this object as ``interventions`` to
-    :func:`workbench.capture_stats.capture_stats`, whose only use of it is to add its z editors
-    (here: one that reports progress, checks for Cancel and returns ``z`` unchanged).
+    With ``keep``, the capture keeps what the pattern viewer needs (maps in patterns mode, Q/K/LSE in stats mode).
     """
-
-    text = ""
-
-    def __init__(self, model: HookedModel, ctx: JobContext, base: float, span: float, what: str) -> None:
-        self.model, self.ctx, self.base, self.span, self.what = model, ctx, base, span, what
-
-    def _reached(self, layer: int) -> None:
-        fraction = self.base + self.span * (layer + 1) / self.model.n_layers
-        self.ctx.progress(fraction, f"{self.what}: layer {layer + 1}/{self.model.n_layers}")
-
-    def hooks(self) -> list[tuple[str, object]]:
-        def hook(pattern, hook, layer):
-            self._reached(layer)
-            return pattern
-        return [(hook_name(layer, "pattern"), bind_hook(hook, layer=layer)) for layer in range(self.model.n_layers)]
-
-    # the two methods capture_stats calls on its ``interventions`` argument
-    def validate(self, model: HookedModel, batch: TokenBatch | None = None) -> None:
-        return None
-
-    def z_editors(self, model: HookedModel, batch: TokenBatch | None = None) -> list:
-        def edit(z, call):
-            self._reached(call.layer)
-            return z
-        return [edit]
-
-
-
-def capture_with_checkpoints(model: HookedModel, batch: TokenBatch, mode: Mode, ctx: JobContext,
-                             base: float, span: float) -> Capture:
-    """Capture every head (maps kept in patterns mode, Q/K/LSE in stats mode), cancellable per layer."""
-    n = int(batch.lengths.max())
-    checkpoints = LayerCheckpoints(model, ctx, base, span, f"capturing every head ({mode} mode, {n} tokens)")
-    ctx.progress(base, checkpoints.what)
-    if mode == "patterns":
-        return capture(model, batch, mode="patterns", keep_patterns=True, progress=False,
-                       fwd_hooks=checkpoints.hooks())
-    from workbench.capture_stats import capture_stats
-
-    cap = capture_stats(model, batch, layers=list(range(model.n_layers)), heads=list(range(model.n_heads)),
-                        keep_qk=True, progress=False, interventions=checkpoints)
-    cap.info.pop("interventions", None)  # the checkpoints changed nothing
-    return cap
+    def report(fraction: float, message: str) -> None:
+        ctx.progress(base + span * fraction, message)
+    return analyze(model, batch, probes=probes, mode=mode, keep_patterns=keep and mode == "patterns",
+                   keep_qk=keep and mode == "stats", interventions=interventions, progress=report,
+                   cancel=lambda: ctx.cancelled, on_error="note")
 
 
 def get_analysis(ws: Workspace, session: dict | None) -> Analysis:

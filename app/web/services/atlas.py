@@ -17,10 +17,10 @@ import plotly.graph_objects as go
 import torch
 
 from app.web.jobs import JobContext
+from app.web.services.analysis import run_pipeline
 from app.web.services.workspace import Workspace
 from probes.detectors import Detectors
-from probes.pattern_stats import PatternStats
-from workbench.capture import capture
+from workbench.capture import resolve_mode
 from workbench.data import load_dataset
 from workbench.errors import InputError
 from workbench.model import load_model
@@ -72,15 +72,15 @@ def head_features(ws: Workspace, model_name: str, dataset: str, n: int, ctx: Job
     width = int(batch.lengths.max())
     if width > ws.limits.stats:
         raise InputError(f"{dataset} has sequences of {width} tokens, above the app's limit of {ws.limits.stats}")
-    mode = "patterns" if width <= ws.limits.patterns else "stats"
+    mode = resolve_mode("auto", width, ws.limits.patterns)
     per_sample: dict[str, list[torch.Tensor]] = {}
     chunks = batch.chunks(batch_size)
     layers = heads = None
     for i, chunk in enumerate(chunks):
-        ctx.progress(0.05 + 0.75 * i / len(chunks), f"capturing batch {i + 1}/{len(chunks)} ({mode} mode)")
-        cap = capture(model, chunk, mode=mode, progress=False)
-        layers, heads = cap.layers, cap.heads
-        for probe in (PatternStats().fit(cap), Detectors().fit(cap)):
+        result = run_pipeline(model, chunk, ["stats", "detectors"], mode, ctx, 0.05 + 0.75 * i / len(chunks),
+                              0.75 / len(chunks))
+        layers, heads = result.layers, result.heads
+        for probe in result.probes.values():
             for metric, values in probe.per_sample_.items():
                 per_sample.setdefault(metric, []).append(values)
     ctx.check()

@@ -8,14 +8,14 @@ import re
 import plotly.graph_objects as go
 
 from app.web.jobs import JobContext
-from app.web.services.analysis import Analysis
+from app.web.services.analysis import Analysis, run_pipeline
 from app.web.services.metric_help import describe
 from app.web.services.workspace import Workspace
 from probes.figures import head_heatmap
 from probes.registry import PROBES
-from workbench.capture import capture
+from workbench.capture import resolve_mode
 from workbench.data import load_dataset
-from workbench.errors import InputError, WorkbenchError
+from workbench.errors import InputError
 from workbench.model import load_model
 
 SEPARATOR = "|"
@@ -97,33 +97,23 @@ def start_probe(ws: Workspace, analysis: Analysis, name: str | None, dataset: st
     n = DATASET_SAMPLES if n is None else int(n)
     if dataset and not 1 <= n <= MAX_DATASET_SAMPLES:
         raise InputError(f"{n} samples: use between 1 and {MAX_DATASET_SAMPLES}")
-    cls = PROBES[name]
     source = f"{dataset} ×{n}" if dataset else "this prompt"
 
     def job(ctx: JobContext) -> dict:
         ctx.progress(0.05, f"loading {analysis.model_name}")
         model = load_model(analysis.model_name)
-        batch, cap = analysis.batch, analysis.capture
+        batch, mode = analysis.batch, analysis.mode
         if dataset:
             ctx.progress(0.1, f"loading {n} samples of {dataset}")
             batch = load_dataset(dataset, model, n=n)
-            cap = None
-            if cls.needs_capture:
-                width = int(batch.lengths.max())
-                mode = "patterns" if width <= ws.limits.patterns else "stats"
-                cap = capture(model, batch, mode=mode, progress=False)
-        ctx.progress(0.2, f"running probe {name} on {source} (cancel takes effect when it returns)")
-        try:
-            frame = cls().fit_run(model, batch, cap).to_frame()
-        except TypeError as err:  # a probe whose constructor needs arguments the app cannot guess
-            raise InputError(f"probe '{name}' cannot run with default settings ({err}): "
-                             "use 'workbench analyze --probes' with its options") from None
-        except WorkbenchError as err:
+            mode = resolve_mode("auto", int(batch.lengths.max()), ws.limits.patterns)
+        result = run_pipeline(model, batch, [name], mode, ctx, 0.2, 0.8)
+        if name in result.notes:
             hint = "" if dataset else "; try computing it on a dataset instead"
-            raise InputError(f"probe '{name}' cannot run on {source}: {err}{hint}") from None
+            raise InputError(f"probe '{name}' cannot run on {source}: {result.notes[name]}{hint}")
         ctx.check()  # cancelled: the analysis keeps its old table
-        analysis.add_frame(frame, source)
-        return {"kind": "probe", "probe": name, "metrics": sorted(frame["metric"].unique().tolist())}
+        analysis.add_frame(result.table, source)
+        return {"kind": "probe", "probe": name, "metrics": sorted(result.table["metric"].unique().tolist())}
 
     return ws.jobs.submit(f"probe:{name}", job)
 

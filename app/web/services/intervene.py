@@ -16,14 +16,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.web.jobs import JobContext
-from app.web.services.analysis import Analysis
+from app.web.services.analysis import Analysis, run_pipeline
 from app.web.services.headmap import split_metric_value
 from app.web.services.workspace import Workspace
-from probes.base import concat_frames
-from probes.detectors import Detectors
 from probes.figures import head_heatmap
-from probes.pattern_stats import PatternStats
-from workbench.capture import capture
 from workbench.data import load_dataset
 from workbench.errors import InputError, WorkbenchError
 from workbench.model import HookedModel, load_model
@@ -116,34 +112,29 @@ def outputs(ws: Workspace, model: HookedModel, analysis: Analysis, spec, ctx: Jo
     """Top-k next tokens, loss, greedy continuation and head scores under ``spec`` (None = clean)."""
     from workbench import intervened_run
 
-    side, prompt, mode = Side(), analysis.prompt, analysis.mode
+    side, prompt = Side(), analysis.prompt
+    # logits are the same in every capture mode: the fused backend (and a KV cache for generation)
     ctx.progress(base, f"{label}: next-token top-{ws.limits.topk}")
-    side.topk = _try(side, "top-k", lambda: intervened_run.next_token_topk(model, prompt, spec, k=ws.limits.topk,
-                                                                           mode=mode))
+    side.topk = _try(side, "top-k", lambda: intervened_run.next_token_topk(model, prompt, spec, k=ws.limits.topk))
     ctx.progress(base + span * 0.25, f"{label}: loss")
-    loss = _try(side, "loss", lambda: intervened_run.loss(model, analysis.batch, spec, mode=mode))
+    loss = _try(side, "loss", lambda: intervened_run.loss(model, analysis.batch, spec))
     side.loss = None if loss is None else float(loss)
     ctx.progress(base + span * 0.5, f"{label}: greedy continuation")
     side.continuation = _try(side, "continuation", lambda: intervened_run.generate(
-        model, prompt, spec, max_new_tokens=ws.limits.continuation_tokens, mode=mode))
+        model, prompt, spec, max_new_tokens=ws.limits.continuation_tokens))
     ctx.progress(base + span * 0.75, f"{label}: head scores")
     if spec is None:
         side.frame = analysis.frame
     else:
-        side.frame = _scores(model, analysis, spec)
+        side.frame = _scores(model, analysis, spec, ctx, base + span * 0.75, span * 0.25)
     return side
 
 
-def _scores(model: HookedModel, analysis: Analysis, spec) -> pd.DataFrame:
-    """Pattern statistics and detectors of every head with the interventions active."""
-    if analysis.mode == "patterns":
-        cap = capture(model, analysis.batch, fwd_hooks=spec.hooks(model, analysis.batch), progress=False)
-    else:
-        from workbench.capture_stats import capture_stats
-
-        cap = capture_stats(model, analysis.batch, layers=list(range(model.n_layers)),
-                            heads=list(range(model.n_heads)), interventions=spec, progress=False)
-    return concat_frames([PatternStats().fit(cap).to_frame(), Detectors().fit(cap).to_frame()])
+def _scores(model: HookedModel, analysis: Analysis, spec, ctx: JobContext, base: float, span: float) -> pd.DataFrame:
+    """Pattern statistics and detectors of every head with the interventions active (the one pipeline)."""
+    result = run_pipeline(model, analysis.batch, ["stats", "detectors"], analysis.mode, ctx, base, span,
+                          interventions=spec)
+    return result.table
 
 
 def start_comparison(ws: Workspace, analysis: Analysis, items: Sequence[dict] | None) -> str:

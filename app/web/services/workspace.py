@@ -18,6 +18,7 @@ from typing import Any
 from app.web.jobs import JobManager
 from workbench.errors import InputError
 from workbench.registry import DEFAULT_MODEL
+from workbench.capture import AUTO_PATTERNS_MAX_TOKENS
 
 
 class ResultCache:
@@ -61,7 +62,7 @@ class ResultCache:
 class Limits:
     """Input limits (tokens): patterns mode up to ``patterns``, stats mode up to ``stats``."""
 
-    patterns: int = 512
+    patterns: int = AUTO_PATTERNS_MAX_TOKENS
     stats: int = 8192
     chars_per_token: int = 32   # rejects absurd texts before tokenizing them
     continuation_tokens: int = 20
