@@ -114,6 +114,11 @@ class CallState:
     edits: object | None = None
     recorders: Sequence[Recorder] = field(default_factory=tuple)
     local_window: int = 8
+    stop_after_layer: int | None = None
+
+
+class StopForward(Exception):
+    """Raised after the attention of ``CallState.stop_after_layer``: nothing later is needed."""
 
 
 STATE: ContextVar[CallState | None] = ContextVar("workbench_attention_call", default=None)
@@ -164,6 +169,8 @@ def workbench_attention(module, query, key, value, attention_mask, scaling=None,
         result = backend(call)
     for record in state.recorders:
         record(call, result)
+    if site.layer == state.stop_after_layer:
+        raise StopForward
     z = result.out.transpose(1, 2)  # [B, Nq, Hq, d], the TransformerLens hook_z layout
     if edits is not None:
         z = edits.apply_output_edits(z, call)

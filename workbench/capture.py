@@ -151,9 +151,7 @@ def _capture_patterns(model: HookedModel, batch: TokenBatch, layers: list[int], 
         hooks = list(fwd_hooks) + [
             (hook_name(layer, "pattern"), bind_hook(record, li=li, layer=layer)) for li, layer in enumerate(layers)
         ]
-        stop = max(layers) + 1
-        run(model, chunk, backend="eager", edits=edits, fwd_hooks=hooks,
-            stop_at_layer=stop if stop < model.n_layers else None)
+        run(model, chunk, backend="eager", edits=edits, fwd_hooks=hooks, stop_after_layer=max(layers))
         start += len(chunk)
         tracker.advance(len(chunk))
     tracker.close()

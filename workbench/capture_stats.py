@@ -170,12 +170,11 @@ def capture_stats(model, batch: TokenBatch, *, layers: Sequence[int], heads: Seq
     B, N = batch.tokens.shape
     recorder = StatsRecorder(model, B, N, layers, heads, keep_qk, detectors, edits)
     recorder.tracker = progress
-    stop = max(layers) + 1
     start = 0
     for chunk in batch.chunks(batch_size):
         recorder.start(chunk, start)
         run(model, chunk, backend="stats", edits=edits, fwd_hooks=fwd_hooks, recorders=[recorder],
-            stop_at_layer=stop if stop < model.n_layers else None, local_window=local_window)
+            stop_after_layer=max(layers), local_window=local_window)
         start += len(chunk)
         if progress is not None:
             progress.advance(len(chunk))

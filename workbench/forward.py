@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from workbench.attention_backend import ATTENTION_NAME, STATE, CallState, Recorder, check_backend, register
+from workbench.attention_backend import ATTENTION_NAME, STATE, CallState, Recorder, StopForward, check_backend, register
 from workbench.batch import TokenBatch
 from workbench.errors import InputError, WorkbenchError
 
@@ -28,7 +28,8 @@ _PATTERN_SITES = ("hook_pattern", "hook_attn_scores")
 
 @contextlib.contextmanager
 def bridge_call(model, key_padding_mask: torch.Tensor | None, *, backend: str | Callable = "sdpa",
-                edits=None, recorders: Sequence[Recorder] = (), local_window: int = 8) -> Iterator[None]:
+                edits=None, recorders: Sequence[Recorder] = (), local_window: int = 8,
+                stop_after_layer: int | None = None) -> Iterator[None]:
     """Scope one workbench forward on ``model`` (a :class:`workbench.model.HookedModel`).
 
     Args:
@@ -38,6 +39,7 @@ def bridge_call(model, key_padding_mask: torch.Tensor | None, *, backend: str | 
         edits: a :class:`workbench.head_edits.HeadEdits` (compiled interventions) or None.
         recorders: callbacks ``(call, result)`` fed every layer's attention result.
         local_window: ``w`` of the local-mass statistic (stats backend).
+        stop_after_layer: raise :class:`StopForward` right after this layer's attention.
     """
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
@@ -50,7 +52,7 @@ def bridge_call(model, key_padding_mask: torch.Tensor | None, *, backend: str | 
     mask = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
     with model.lock:
         saved = [(config, config._attn_implementation) for config in configs]
-        token = STATE.set(CallState(sites, mask, backend, edits, tuple(recorders), local_window))
+        token = STATE.set(CallState(sites, mask, backend, edits, tuple(recorders), local_window, stop_after_layer))
         try:
             for component in components:
                 object.__setattr__(component, "forward", types.MethodType(AttentionBridge.forward, component))
@@ -75,7 +77,7 @@ def default_backend(fwd_hooks: Sequence[Hook], bwd_hooks: Sequence[Hook] = ()) -
 def run(model, batch: TokenBatch, *, backend: str | Callable | None = None, edits=None,
         fwd_hooks: Sequence[Hook] = (), bwd_hooks: Sequence[Hook] = (), recorders: Sequence[Recorder] = (),
         grad: bool = False, stop_at_layer: int | None = None, local_window: int = 8,
-        check_finite: bool = True, **model_inputs) -> torch.Tensor:
+        check_finite: bool = True, stop_after_layer: int | None = None, **model_inputs) -> torch.Tensor | None:
     """Forward ``batch`` once with everything scoped to this call.
 
     Args:
@@ -87,18 +89,23 @@ def run(model, batch: TokenBatch, *, backend: str | Callable | None = None, edit
         recorders: attention-result callbacks (the statistics stream).
         grad: keep the autograd graph.
         stop_at_layer: stop before this layer (returns the residual stream; TransformerLens semantics).
+        stop_after_layer: end the forward right after this layer's attention (recorders have
+            seen it; no later layer and no LM head runs); returns None.
         model_inputs: extra model inputs (``pixel_values`` of a vision-language model).
     Returns:
-        logits ``[B, N, V]`` (or the residual stream with ``stop_at_layer``).
+        logits ``[B, N, V]`` (or the residual stream with ``stop_at_layer``; None with ``stop_after_layer``).
     """
     if backend is None:
         backend = default_backend(fwd_hooks, bwd_hooks)
     device = model.device
     tokens, mask = batch.tokens.to(device), batch.mask.to(device)
-    with bridge_call(model, mask, backend=backend, edits=edits, recorders=recorders, local_window=local_window), \
-            torch.set_grad_enabled(grad), \
-            model.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
-        out = model.bridge(tokens, attention_mask=mask.long(), stop_at_layer=stop_at_layer, **model_inputs)
+    try:
+        with bridge_call(model, mask, backend=backend, edits=edits, recorders=recorders, local_window=local_window,
+                         stop_after_layer=stop_after_layer), torch.set_grad_enabled(grad), \
+                model.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
+            out = model.bridge(tokens, attention_mask=mask.long(), stop_at_layer=stop_at_layer, **model_inputs)
+    except StopForward:
+        return None
     if check_finite and stop_at_layer is None:
         check_finite_values(out)
     return out
