@@ -95,7 +95,7 @@ def run_child(config: str, model_name: str, length: int, repeats: int = 1, threa
     """Run one configuration in this (fresh) process; returns the best of ``repeats`` timings.
 
     The SDPA configurations load only the Hugging Face model; the others load the workbench model
-    (bridge, plus the kernel copy for stats), as a user of that path would.
+    (one TransformerBridge), as a user of that path would.
     """
     import torch
 
@@ -127,7 +127,6 @@ def run_child(config: str, model_name: str, length: int, repeats: int = 1, threa
         from workbench.model import load_model
 
         model = load_model(model_name)
-        model.kernel_model  # noqa: B018 - load it before timing
         detectors = config == "stats_detectors"
 
         def work(t):

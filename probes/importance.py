@@ -28,7 +28,6 @@ from typing import ClassVar, Literal
 import numpy as np
 import plotly.graph_objects as go
 import torch
-from scipy import stats as scipy_stats
 
 from probes.base import Probe, mean_and_ci
 from probes.figures import head_heatmap
@@ -151,7 +150,9 @@ class HeadImportance(Probe):
         est_mean = np.nanmean(self.per_sample_["attribution_patching"].numpy(), axis=0)
         finite = np.isfinite(est_mean) & np.isfinite(self.activation_patching_)
         if finite.sum() >= 2:
-            rho = scipy_stats.spearmanr(est_mean[finite], self.activation_patching_[finite]).statistic
+            from scipy.stats import spearmanr
+
+            rho = spearmanr(est_mean[finite], self.activation_patching_[finite]).statistic
             self.patching_rank_correlation_ = float(rho)
 
     def figure(self, metric: ImportanceMetric = "ablation_zero") -> go.Figure:

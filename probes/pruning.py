@@ -24,6 +24,7 @@ from workbench.attention_backend import AttentionCall
 from workbench.forward import bridge_call, check_finite_values, run
 from workbench.head_edits import OutputEdits
 from workbench.model import HookedModel
+from workbench.progress import Estimate
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 """``logits [c, B, N, V] -> [c, B]`` per-sample metric of each copy."""
@@ -137,6 +138,7 @@ def replaced_metric(model: HookedModel, batch: TokenBatch, masks: torch.Tensor,
     for copy, start in enumerate(first.tolist()):
         groups.setdefault(int(start) if skip else 0, []).append(copy)
     results = torch.empty(masks.shape[0], n_samples)
+    eta = Estimate(masks.shape[0], "ablated copies")
     for start, copies in groups.items():
         size = -(-len(copies) // -(-len(copies) // per_forward))  # even chunks of at most per_forward
         for offset in range(0, len(copies), size):
@@ -152,6 +154,7 @@ def replaced_metric(model: HookedModel, batch: TokenBatch, masks: torch.Tensor,
                 else:
                     logits = kernel_logits(model, rep, [editor])
                 results[index] = metric(logits.reshape(len(index), n_samples, width, -1)).float().cpu()
+            eta.advance(len(index))
     return results
 
 

@@ -116,7 +116,13 @@ def test_loaded_models_are_accepted(tiny_llama):
     assert bridge_model.bridge is tiny_llama.bridge
     cap = wb.capture(tiny_llama.bridge, PROMPTS[0], progress=False)
     assert cap.layers == [0, 1]
-    hf = wb.load_model(tiny_llama.bridge.original_model)
-    assert hf.n_layers == tiny_llama.n_layers
+    assert wb.load_model(tiny_llama.bridge.original_model) is tiny_llama  # its owner, not a second bridge
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(str(tiny_llama.folder))
+    wrapped = wb.load_model(fresh)
+    assert wrapped.n_layers == tiny_llama.n_layers and wrapped.bridge.original_model is fresh
+    batch = tiny_llama.tokenize(PROMPTS)
+    torch.testing.assert_close(run(wrapped, batch)[batch.mask], run(tiny_llama, batch)[batch.mask])
     assert ir.loss(tiny_llama, PROMPTS).ndim == 0  # strings accepted like capture does
     assert ir.forward(tiny_llama, PROMPTS[0]).shape[0] == 1

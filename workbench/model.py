@@ -245,7 +245,8 @@ def load_model(name_or_path=DEFAULT_MODEL, *, device: str | torch.device = "cpu"
 
 
 def _wrap_loaded(module: torch.nn.Module) -> HookedModel:
-    """A :class:`HookedModel` around a ``TransformerBridge`` or a Hugging Face model already in memory."""
+    """A :class:`HookedModel` around a ``TransformerBridge`` or a Hugging Face model already in memory
+    (a Hugging Face model is wrapped in place: the bridge puts its hook points into the module tree)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(module, TransformerBridge):
@@ -256,6 +257,10 @@ def _wrap_loaded(module: torch.nn.Module) -> HookedModel:
         if not isinstance(module, PreTrainedModel):
             raise InputError(f"load_model cannot use a {type(module).__name__}: pass a TransformerBridge, a "
                              "Hugging Face PreTrainedModel, a registry name or a folder")
+        with _LOAD_LOCK:
+            for loaded in _LOADED.values():  # already wrapped: a second bridge would rewire its modules
+                if loaded.bridge.original_model is module:
+                    return loaded
         bridge = _bridge_from_hf(module)
     hf = bridge.original_model
     folder = Path(getattr(hf.config, "_name_or_path", "") or ".")

@@ -10,6 +10,7 @@ the overall fraction.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
@@ -115,6 +116,24 @@ def reporting(progress: Progress) -> Iterator[Progress]:
 def current() -> Progress | None:
     """The progress set by :func:`reporting` in this context, if any."""
     return _CURRENT.get()
+
+
+class Estimate:
+    """Sub-progress of a long loop inside one stage: ``done/total what, ~N s left`` on the current
+    progress (:func:`reporting`), from the mean time per item so far; a no-op without one."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done = max(1, int(total)), what, 0
+        self.start = time.monotonic()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        progress = _CURRENT.get()
+        if progress is None:
+            return
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        progress.step_info(f"{self.done}/{self.total} {self.what}, ~{left:.0f} s left")
 
 
 def check_cancelled() -> None:
