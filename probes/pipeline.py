@@ -30,7 +30,7 @@ from probes.registry import PROBES, parse_probes, split_metrics
 from workbench.batch import TokenBatch
 from workbench.capture import Capture, as_batch, capture, resolve_mode
 from workbench.errors import InputError, WorkbenchError
-from workbench.progress import Progress, as_progress, reporting
+from workbench.progress import Progress, reporting
 
 __all__ = ["AnalysisResult", "analyze", "build_probes"]
 
@@ -151,8 +151,7 @@ def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Se
             timings["capture_s"] = time.perf_counter() - start
         done = 1 if needs_capture else 0
         for name, probe in built.items():
-            as_progress(tracker, desc=f"probe {name}", total=1)
-            tracker.lo, tracker.hi = done / stages, (done + 1) / stages
+            tracker.stage(f"probe {name}", 1, lo=done / stages, hi=(done + 1) / stages)
             start = time.perf_counter()
             try:
                 probe.fit(cap if probe.needs_capture else None, model=model, batch=batch)

@@ -23,7 +23,8 @@ from workbench.batch import TokenBatch
 from workbench.errors import InputError, WorkbenchError
 
 Hook = tuple[str, Callable]
-_PATTERN_SITES = ("hook_pattern", "hook_attn_scores")
+_PATTERN_SITES = ("hook_pattern",)
+_INTERNAL_SITES = ("hook_attn_scores", "hook_rot_q", "hook_rot_k")
 
 
 @contextlib.contextmanager
@@ -74,6 +75,24 @@ def default_backend(fwd_hooks: Sequence[Hook], bwd_hooks: Sequence[Hook] = ()) -
     return "eager" if any(str(n).endswith(_PATTERN_SITES) for n in names) else "sdpa"
 
 
+def check_hooks(backend, hooks: Sequence[Hook]) -> None:
+    """Refuse hooks that would silently never fire in this forward (one line naming the fix).
+
+    The workbench attention function fires ``hook_pattern`` only where a map exists (the eager
+    backend); TransformerLens' score and post-RoPE hooks live inside its own re-implemented
+    attention, which the one forward replaces.
+    """
+    for name, _ in hooks:
+        name = str(name)
+        if name.endswith(_INTERNAL_SITES):
+            raise InputError(f"hook '{name}' does not fire in the workbench forward (attention is computed by its "
+                             "backends): read hook_q / hook_k / hook_pattern instead, or call "
+                             "model.bridge.run_with_cache directly")
+        if name.endswith("hook_pattern") and backend != "eager":
+            raise InputError(f"hook '{name}' needs the attention map, which the {backend!r} backend never builds: "
+                             "use mode='patterns' (the eager backend) for short inputs")
+
+
 def run(model, batch: TokenBatch, *, backend: str | Callable | None = None, edits=None,
         fwd_hooks: Sequence[Hook] = (), bwd_hooks: Sequence[Hook] = (), recorders: Sequence[Recorder] = (),
         grad: bool = False, stop_at_layer: int | None = None, local_window: int = 8,
@@ -97,6 +116,7 @@ def run(model, batch: TokenBatch, *, backend: str | Callable | None = None, edit
     """
     if backend is None:
         backend = default_backend(fwd_hooks, bwd_hooks)
+    check_hooks(backend, list(fwd_hooks) + list(bwd_hooks))
     device = model.device
     tokens, mask = batch.tokens.to(device), batch.mask.to(device)
     try:

@@ -60,7 +60,7 @@ def probe_catalog(analysis: Analysis | None) -> list[dict]:
     computed = set() if analysis is None else set(analysis.frame["probe"].unique())
     notes = {} if analysis is None else analysis.notes
     sources = {} if analysis is None else analysis.sources
-    return [{"name": name, "metrics": list(cls.metrics), "needs_model": not cls.needs_capture,
+    return [{"name": name, "metrics": list(cls.metrics), "needs_model": cls.needs_model,
              "computed": name in computed, "note": notes.get(name, ""), "source": sources.get(name, "this prompt")}
             for name, cls in PROBES.items()]
 
