@@ -42,6 +42,7 @@ class AnalysisRequest:
     device: str = "cpu"
     dtype: str = "float32"
     out: Path | None = None
+    force: bool = False
 
 
 @dataclass
@@ -70,10 +71,12 @@ def _positive(name: str, value, allow_none: bool = True) -> None:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def check_output(out: Path) -> None:
-    """The run folder can be written: its parent exists (or can be made) and is writable."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is an existing file, not a run folder: pass another path")
+def check_output(out: Path, force: bool = False) -> None:
+    """The run folder may be written (:func:`workbench.runstore.check_run_target`) and can be:
+    its parent exists (or can be made) and is writable."""
+    from workbench.runstore import check_run_target
+
+    check_run_target(out, force)
     existing = out.resolve().parent
     while not existing.exists():
         existing = existing.parent
@@ -104,7 +107,7 @@ def check_request(req: AnalysisRequest):
     spec = as_intervention_set(req.interventions)
     device, dtype = parse_device(req.device), parse_dtype(req.dtype)
     if req.out is not None:
-        check_output(req.out)
+        check_output(req.out, req.force)
     return probes, spec, device, dtype
 
 

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", type=Path, default=None, help="run folder (default runs/MODEL-DATASET)")
     an.add_argument("--interventions", default=None,
                     help='active during the capture, e.g. "L17H5:softpag=0.5, L18H6:scale=2" (mean/resample use the dataset)')
+    an.add_argument("--force", action="store_true", help="replace an existing run folder at --out")
     an.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     an.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     an.add_argument("--top", type=int, default=5, help="top heads printed per detector")
@@ -88,12 +89,12 @@ def cmd_analyze(args) -> int:
                           mode=args.mode, layers=args.layers, heads=args.heads, n=args.n,
                           seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
                           progress=not args.no_progress, interventions=args.interventions,
-                          device=args.device, dtype=args.dtype, out=out)
+                          device=args.device, dtype=args.dtype, out=out, force=args.force)
     result = run_analysis(req)
     from app.report import build_report
     from workbench.runstore import write_run
 
-    write_run(out, result.heads, result.manifest, build_report(result.heads, result.manifest))
+    write_run(out, result.heads, result.manifest, build_report(result.heads, result.manifest), force=args.force)
     detectors = result.heads[result.heads["probe"] == "detectors"]
     for metric, rows in detectors.groupby("metric", sort=False):
         top = rows.dropna(subset=["value"]).nlargest(args.top, "value")

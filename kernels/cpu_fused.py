@@ -4,7 +4,10 @@ One C loop per tile forms ``p = exp(t)`` once and accumulates the row max, ``Σ 
 moment, the row mass and the per-key column sums, instead of six torch ops that each stream the
 tile through memory (about 4x less time per logit on the CPU; ``docs/performance.md``). It is
 built with the system C compiler (``$CC`` or ``cc``/``gcc``) into a per-user cache keyed by the
-source, the flags, the compiler and the CPU's features, and called through ``ctypes`` (which releases the GIL, so the
+source, the flags, the compiler and the CPU's features (``$WORKBENCH_HOME/kernels``, else
+``$XDG_CACHE_HOME`` or ``~/.cache`` + ``/attention-workbench/kernels``; the folder is made mode 0700
+and the folder and library must belong to this user and be writable by nobody else, or nothing is
+loaded: no other user can plant code there), and called through ``ctypes`` (which releases the GIL, so the
 query-block thread pool runs it in parallel). Without a compiler, or with
 ``WORKBENCH_CPU_FUSED=0``, :func:`tile_stats` returns None and the exact pass uses torch ops.
 """
@@ -17,6 +20,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -41,9 +45,30 @@ def _compiler() -> str | None:
     return None
 
 
+class UnsafeCacheError(OSError):
+    """The kernel cache folder or library is not owned by this user alone."""
+
+
 def _cache_dir() -> Path:
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"attention-workbench-kernels-{uid}"
+    """The per-user build cache (made mode 0700; see the module docstring)."""
+    home = os.environ.get("WORKBENCH_HOME")
+    if home:
+        root = Path(home).expanduser() / "kernels"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(base).expanduser() / "attention-workbench" / "kernels"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root
+
+
+def _check_private(path: Path) -> None:
+    """Raise :class:`UnsafeCacheError` unless ``path`` (a folder or file, not a link) belongs to this
+    user and no one else may write it."""
+    info = os.lstat(path)
+    uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+        raise UnsafeCacheError(f"{path} is a link, not owned by you, or writable by others: not loading code from it; "
+                               "remove it, or set WORKBENCH_HOME to a folder of your own")
 
 
 def _cpu_flags() -> str:
@@ -62,11 +87,13 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     parts = [SOURCE.read_text(), *FLAGS, *LIBS, cc, version, _cpu_flags()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"tile_stats-{key}.so"
-    if target.exists():
+    folder = _cache_dir()
+    _check_private(folder)
+    target = folder / f"tile_stats-{key}.so"
+    if os.path.lexists(target):
+        _check_private(target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         built = Path(tmp) / target.name
         subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), *LIBS], capture_output=True, text=True, check=True)
         os.replace(built, target)  # atomic: concurrent builders leave one complete file
@@ -85,13 +112,18 @@ def tile_stats():
         return None
     try:
         fn = ctypes.CDLL(str(_build(cc))).tile_stats
+    except UnsafeCacheError as err:
+        return _fallback(str(err))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        warnings.warn(f"could not build kernels/csrc/tile_stats.c ({detail.strip()[:300]}); "
-                      "the exact attention pass runs in torch ops (slower)", RuntimeWarning, stacklevel=2)
-        return None
+        return _fallback(f"could not build kernels/csrc/tile_stats.c ({detail.strip()[:300]})")
     fn.argtypes, fn.restype = _ARGTYPES, None
     return fn
+
+
+def _fallback(reason: str) -> None:
+    warnings.warn(f"{reason}; the exact attention pass runs in torch ops (slower)", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def ptr(x: torch.Tensor | None) -> int | None:

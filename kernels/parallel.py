@@ -2,14 +2,20 @@
 
 Many small intra-op parallel regions (one per torch op) stall whenever a core is busy elsewhere:
 each op waits at an OpenMP barrier for its slowest thread. Instead the chunked path runs whole
-query blocks on a thread pool, with torch's intra-op threads set to 1 for the duration of the call
+query blocks on a thread pool, with torch's intra-op threads set to 1 while any such pool runs
 (torch ops release the GIL, so the workers run concurrently). Results are written to disjoint
 slices, so they do not depend on scheduling.
+
+``torch.set_num_threads`` is process-wide, so concurrent callers (two app jobs) share one
+reference-counted setting under a lock: the first caller saves the thread count, the last one
+restores it, and no caller ever writes back another's temporary 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -29,17 +35,35 @@ def worker_count(device: torch.device, n_tasks: int, scratch_bytes: int) -> int:
     return max(1, min(torch.get_num_threads(), n_tasks, by_memory))
 
 
+_THREADS_LOCK = threading.Lock()
+_users = 0
+_saved_threads = 1
+
+
+@contextlib.contextmanager
+def single_intra_op_thread() -> Iterator[None]:
+    """torch's intra-op threads at 1 while any caller is inside; restored when the last one leaves."""
+    global _users, _saved_threads
+    with _THREADS_LOCK:
+        if _users == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _users += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _users -= 1
+            if _users == 0:
+                torch.set_num_threads(_saved_threads)
+
+
 def run_blocks(fn: Callable[[T], None], items: Sequence[T], workers: int) -> None:
     """Call ``fn(item)`` for every item, on ``workers`` threads when ``workers > 1``."""
     if workers <= 1:
         for item in items:
             fn(item)
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernels") as pool:
-            for _ in pool.map(fn, items):  # re-raises the first worker exception
-                pass
-    finally:
-        torch.set_num_threads(previous)
+    with single_intra_op_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernels") as pool:
+        for _ in pool.map(fn, items):  # re-raises the first worker exception
+            pass

@@ -1,17 +1,80 @@
-"""Atomic writes: build in a temporary sibling, then rename into place.
+"""Atomic writes: build in a temporary sibling, then swap it into place.
 
-A run that is killed midway leaves at most a hidden ``.tmp-*`` sibling, never a
-half-written result under the final name.
+A run that is killed midway leaves at most a hidden ``.tmp-<name>-<pid>-*`` sibling, never a
+half-written result under the final name, and an existing result stays reachable at its path
+until the new one is complete: on Linux the two folders are exchanged in one
+``renameat2(RENAME_EXCHANGE)`` call; elsewhere the old folder is moved aside to
+``.old-<name>-<pid>`` for the instant between two renames, and the next write to the same path
+puts it back if the process died there. Leftovers of dead processes are removed by the next write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2``); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # a libc without the wrapper
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(final: Path) -> None:
+    """Put back a result moved aside by a process that died between its two renames, and remove
+    the temporary and moved-aside siblings of ``final`` left by dead processes."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(final.name)}-(\d+)(-.*)?$")
+    for sibling in sorted(final.parent.iterdir()):
+        match = pattern.match(sibling.name)
+        if match is None or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not os.path.lexists(final):
+            os.replace(sibling, final)  # the last complete result, back at its path
+        elif sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                sibling.unlink()
+
+
+def is_leftover(path: Path) -> bool:
+    """True for the hidden temporary / moved-aside siblings this module writes."""
+    return Path(path).name.startswith((".tmp-", ".old-"))
 
 
 @contextlib.contextmanager
@@ -19,17 +82,20 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``final`` only when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    recover(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
         yield tmp
-        if final.exists():
+        if not os.path.lexists(final):
+            os.replace(tmp, final)
+        elif exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old result
+        else:
             backup = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, backup)
             os.replace(tmp, final)
             shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -40,7 +106,7 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator:
     """Open a temporary file next to ``final``; rename it over ``final`` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}-", dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

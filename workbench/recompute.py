@@ -16,6 +16,7 @@ key head ``h // kv_group`` and ``info["scale"]`` holds the softmax scale of each
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -119,14 +120,11 @@ def _run_blocks(fn, items, device: torch.device) -> None:
     core is busy elsewhere (measured here: 25x slower on a loaded 2-core machine), and a thread
     pool over blocks was no faster (the ops are too short to leave the GIL for long).
     """
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    from kernels.parallel import single_intra_op_thread
+
+    with single_intra_op_thread() if device.type == "cpu" else contextlib.nullcontext():
         for item in items:
             fn(item)
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------- tiles and thumbnails

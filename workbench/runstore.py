@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from workbench.atomic import atomic_dir
+from workbench.atomic import atomic_dir, is_leftover, recover
 from workbench.errors import InputError
 
 HEAD_COLUMNS = ["layer", "head", "probe", "metric", "value", "ci_low", "ci_high"]
@@ -28,12 +29,38 @@ class Run:
         return f"{self.path.name} ({m.get('model', '?')}, {m.get('dataset', '?')})"
 
 
+def check_run_target(out: Path, force: bool = False) -> None:
+    """Raise :class:`InputError` unless ``out`` may receive a run: new, an empty folder, or (with
+    ``force``) an existing workbench run. Any other file or folder is never replaced.
+    """
+    out = Path(out).expanduser()
+    recover(out)
+    if not os.path.lexists(out):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise InputError(f"--out {out} is an existing file, not a run folder: pass a new folder")
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here == target or target in here.parents:
+        raise InputError(f"--out {out} is the folder you are working in (or holds it): pass a new folder")
+    if (out / "manifest.json").is_file() and (out / "heads.parquet").is_file():
+        if not force:
+            raise InputError(f"--out {out} already holds a workbench run: pass --force to replace it, "
+                             "or another --out")
+        return
+    if any(not is_leftover(p) for p in out.iterdir()):
+        raise InputError(f"--out {out} is a folder that is not a workbench run (no manifest.json and "
+                         "heads.parquet): it is never replaced; pass a new folder")
+
+
 def write_run(out: Path, heads: pd.DataFrame, manifest: dict, report_html: str | None = None,
-              extra_files: dict[str, str] | None = None) -> Path:
-    """Write a run folder; a killed run leaves no half-written folder under ``out``."""
+              extra_files: dict[str, str] | None = None, *, force: bool = False) -> Path:
+    """Write a run folder; a killed run leaves no half-written folder under ``out`` and an earlier
+    run stays at ``out`` until the new one is complete (see :func:`check_run_target` for what may
+    be replaced)."""
     missing = [c for c in HEAD_COLUMNS if c not in heads.columns]
     if missing:
         raise ValueError(f"head table lacks columns {missing}")
+    check_run_target(out, force)
     with atomic_dir(Path(out)) as tmp:
         heads.to_parquet(tmp / "heads.parquet", index=False)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -52,6 +79,7 @@ def read_run(path: str | Path) -> Run:
             or a table without the expected columns.
     """
     path = Path(path).expanduser()
+    recover(path)  # a writer killed between its two renames: the previous run goes back to its path
     if not path.is_dir():
         raise InputError(f"run folder {path} does not exist: give a folder written by 'workbench analyze --out'")
     try:
