@@ -9,6 +9,7 @@ import torch
 import workbench as wb
 from workbench import intervened_run as ir
 from workbench.attention_backend import STATE
+from workbench.errors import InputError
 from workbench.forward import run
 from workbench.interventions import HeadIntervention as HI, InterventionSet
 from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES
@@ -126,3 +127,14 @@ def test_loaded_models_are_accepted(tiny_llama):
     torch.testing.assert_close(run(wrapped, batch)[batch.mask], run(tiny_llama, batch)[batch.mask])
     assert ir.loss(tiny_llama, PROMPTS).ndim == 0  # strings accepted like capture does
     assert ir.forward(tiny_llama, PROMPTS[0]).shape[0] == 1
+
+
+def test_tiles_of_a_pattern_edited_head_are_refused_in_stats_mode(tiny_llama):
+    """Its saved LSE describes the unedited map: no wrong tile is shown; other heads still work."""
+    cap = wb.capture(tiny_llama, PROMPTS, mode="stats", keep_qk=True, interventions="L0H1:softpag=0.5",
+                     progress=False)
+    with pytest.raises(InputError, match="patterns mode"):
+        cap.pattern(0, 1, 0)
+    patterns = wb.capture(tiny_llama, PROMPTS, mode="patterns", keep_patterns=True, interventions="L0H1:softpag=0.5",
+                          progress=False)
+    torch.testing.assert_close(cap.pattern(0, 2, 0), patterns.pattern(0, 2, 0), rtol=1e-5, atol=1e-5)

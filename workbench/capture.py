@@ -113,6 +113,9 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
                                 edits, tracker, detectors)
     if len(spec):
         cap.info["interventions"] = spec.text
+    if edits is not None and edits.pattern:
+        cap.info["pattern_edited_heads"] = sorted([layer, head] for layer, heads in edits.pattern.items()
+                                                  for head in heads)
     return cap
 
 

@@ -245,28 +245,27 @@ def load_model(name_or_path=DEFAULT_MODEL, *, device: str | torch.device = "cpu"
 
 
 def _wrap_loaded(module: torch.nn.Module) -> HookedModel:
-    """A :class:`HookedModel` around a ``TransformerBridge`` or a Hugging Face model already in memory
-    (a Hugging Face model is wrapped in place: the bridge puts its hook points into the module tree)."""
+    """The :class:`HookedModel` of a ``TransformerBridge`` or a Hugging Face model already in memory,
+    made once per module (one lock per module tree); a Hugging Face model is wrapped in place (the
+    bridge puts its hook points into the module tree)."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel
 
-    if isinstance(module, TransformerBridge):
-        bridge = module
-    else:
-        from transformers import PreTrainedModel
-
-        if not isinstance(module, PreTrainedModel):
-            raise InputError(f"load_model cannot use a {type(module).__name__}: pass a TransformerBridge, a "
-                             "Hugging Face PreTrainedModel, a registry name or a folder")
-        with _LOAD_LOCK:
-            for loaded in _LOADED.values():  # already wrapped: a second bridge would rewire its modules
-                if loaded.bridge.original_model is module:
-                    return loaded
-        bridge = _bridge_from_hf(module)
-    hf = bridge.original_model
-    folder = Path(getattr(hf.config, "_name_or_path", "") or ".")
-    causal = hf.config.model_type not in _ENCODER_TYPES
-    bridge.eval()
-    return HookedModel(getattr(hf.config, "_name_or_path", None) or type(hf).__name__, folder, bridge, causal)
+    if not isinstance(module, (TransformerBridge, PreTrainedModel)):
+        raise InputError(f"load_model cannot use a {type(module).__name__}: pass a TransformerBridge, a "
+                         "Hugging Face PreTrainedModel, a registry name or a folder")
+    with _LOAD_LOCK:
+        for loaded in _LOADED.values():  # already wrapped: a second bridge would rewire its modules
+            if module is loaded.bridge or module is loaded.bridge.original_model:
+                return loaded
+        bridge = module if isinstance(module, TransformerBridge) else _bridge_from_hf(module)
+        hf = bridge.original_model
+        bridge.eval()
+        name = getattr(hf.config, "_name_or_path", None) or type(hf).__name__
+        model = HookedModel(name, Path(getattr(hf.config, "_name_or_path", "") or "."), bridge,
+                            hf.config.model_type not in _ENCODER_TYPES)
+        _LOADED[(f"in-memory:{id(bridge)}", "", "")] = model
+        return model
 
 
 def _bridge_from_hf(hf):

@@ -142,6 +142,10 @@ def head_qk(capture, layer: int, head: int, batch_index: int) -> tuple[torch.Ten
     if key not in capture.extras:
         raise InputError(f"this capture kept no Q/K/LSE for layer {layer}: capture again with "
                          "mode='stats', keep_qk=True to recompute tiles and thumbnails")
+    if [layer, head] in capture.info.get("pattern_edited_heads", []):
+        raise InputError(f"L{layer}H{head} was captured with a pattern-level intervention: its saved Q/K/LSE "
+                         "describe the unedited map, so no tile is recomputed; capture it in patterns mode "
+                         "(keep_patterns=True) to see the edited map")
     group = int(capture.info.get("kv_group", 1))
     q = capture.extras[f"q.{layer}"][batch_index, hi, :n]
     k = capture.extras[f"k.{layer}"][batch_index, head // group, :n]
