@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.errors import InputError
+from workbench.errors import InputError, check_int
 
 
 @dataclass
@@ -64,13 +64,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _positive(name: str, value, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-
-
 def check_output(out: Path, force: bool = False) -> None:
     """The run folder may be written (:func:`workbench.runstore.check_run_target`) and can be:
     its parent exists (or can be made) and is writable."""
@@ -98,7 +91,8 @@ def check_request(req: AnalysisRequest):
     if req.mode not in ("auto", "patterns", "stats"):
         raise InputError(f"unknown mode '{req.mode}': use auto, patterns or stats")
     for name, value in (("--n", req.n), ("--seq-len", req.seq_len), ("--batch-size", req.batch_size)):
-        _positive(name, value)
+        if value is not None:
+            check_int(name, value)
     for name, values in (("--layers", req.layers), ("--heads", req.heads)):
         if values is not None and any(v < 0 for v in values):
             raise InputError(f"{name} takes indices >= 0, got {values}")

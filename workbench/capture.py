@@ -24,7 +24,7 @@ import torch
 
 from workbench.batch import TokenBatch
 from workbench.capture_data import Capture, CaptureMode
-from workbench.errors import InputError
+from workbench.errors import InputError, check_int
 from workbench.forward import Hook, run
 from workbench.model import bind_hook, hook_name, HookedModel
 from workbench.pattern_rows import DETECTOR_ROWS, STAT_NAMES, detector_rows, map_received_mass, map_row_statistics
@@ -58,11 +58,6 @@ def as_batch(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, max_t
     return model.tokenize([inputs] if isinstance(inputs, str) else list(inputs), max_tokens=max_tokens)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
             mode: Literal["patterns", "stats", "auto"] = "patterns", keep_patterns: bool = False,
@@ -93,8 +88,8 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
     from workbench.model import load_model
 
     model = load_model(model) if not isinstance(model, HookedModel) else model
-    _check_int("batch_size", batch_size, 1)
-    _check_int("local_window", local_window, 0)
+    check_int("batch_size", batch_size)
+    check_int("local_window", local_window, 0)
     layers, heads = model.check_heads(layers, heads)
     batch = as_batch(model, inputs, max_tokens)
     mode = resolve_mode(mode, batch.tokens.shape[1])

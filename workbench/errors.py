@@ -20,3 +20,11 @@ class CorruptModelError(WorkbenchError):
 
 class InputError(WorkbenchError):
     """Bad prompt, dataset, head index, probe or metric name, or parameter."""
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (bools refused), else :class:`InputError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InputError(f"{name} must be {bound}, got {value!r}")
+    return value

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.errors import InputError
+from workbench.errors import InputError, check_int
 
 _ELEMENTS = 1 << 22  # logits per step of the detector gather and of region thumbnails (16 MB fp32)
 _ROWS = 128  # query rows per step of the detector gather
@@ -191,8 +191,7 @@ def thumbnail_from_capture(capture, layer: int, head: int, batch_index: int, siz
     """
     from kernels import attention_thumbnail
 
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InputError(f"thumbnail size must be a positive int, got {size!r}")
+    check_int("thumbnail size", size)
     q, k, lse, scale = head_qk(capture, layer, head, batch_index)
     n = q.shape[2]
     rows = (0, n) if q_range is None else _check_range(q_range, n, "q_range")
