@@ -153,12 +153,5 @@ def _capture_patterns(model: HookedModel, batch: TokenBatch, layers: list[int], 
         start += len(chunk)
         tracker.advance(len(chunk))
     tracker.close()
-    for name in detector_names:  # rows beyond each sample's length have no target
-        row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
-    return Capture(
-        model_name=model.name, mode="patterns", causal=model.causal, tokens=batch.tokens, mask=batch.mask,
-        str_tokens=[model.str_tokens(t[m]) for t, m in zip(batch.tokens, batch.mask)],
-        layers=layers, heads=heads, row_stats=row_stats, received=received,
-        received_normalized=received_norm, patterns=patterns, meta=batch.meta,
-        info={"local_window": local_window},
-    )
+    return Capture.from_rows(model, batch, "patterns", layers, heads, row_stats, received, received_norm,
+                             patterns=patterns, info={"local_window": local_window})

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench.atomic import atomic_dir
 from workbench.errors import InputError, WorkbenchError
+from workbench.pattern_rows import DETECTOR_ROWS
 
 CaptureMode = Literal["patterns", "stats"]
 _FORMAT_VERSION = 1
@@ -52,6 +53,20 @@ class Capture:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, model, batch, mode: CaptureMode, layers: list[int], heads: list[int],
+                  row_stats: dict[str, torch.Tensor], received: torch.Tensor, received_normalized: torch.Tensor,
+                  **fields) -> "Capture":
+        """The capture of ``batch`` from the recorded rows of either mode: detector rows past each
+        sample's length become NaN (no target there), and the readable tokens are filled in."""
+        for name in DETECTOR_ROWS:
+            if name in row_stats:
+                row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
+        return cls(model_name=model.name, mode=mode, causal=model.causal, tokens=batch.tokens, mask=batch.mask,
+                   str_tokens=[model.str_tokens(t[m]) for t, m in zip(batch.tokens, batch.mask)],
+                   layers=list(layers), heads=list(heads), row_stats=row_stats, received=received,
+                   received_normalized=received_normalized, meta=batch.meta, **fields)
 
     @property
     def n_samples(self) -> int:

@@ -180,12 +180,6 @@ def capture_stats(model, batch: TokenBatch, *, layers: Sequence[int], heads: Seq
             progress.advance(len(chunk))
     if progress is not None:
         progress.close()
-    for name in DETECTOR_ROWS if detectors else ():  # rows beyond each sample's length have no target
-        recorder.row_stats[name].masked_fill_(~batch.mask[:, None, None, :], float("nan"))
     info = {"local_window": local_window, "scale": recorder.scale, "kv_group": recorder.group}
-    return Capture(
-        model_name=model.name, mode="stats", causal=model.causal, tokens=batch.tokens, mask=batch.mask,
-        str_tokens=[model.str_tokens(t[m]) for t, m in zip(batch.tokens, batch.mask)],
-        layers=list(layers), heads=list(heads), row_stats=recorder.row_stats, received=recorder.received,
-        received_normalized=recorder.received_normalized, extras=recorder.extras, meta=batch.meta, info=info,
-    )
+    return Capture.from_rows(model, batch, "stats", layers, heads, recorder.row_stats, recorder.received,
+                             recorder.received_normalized, extras=recorder.extras, info=info)
