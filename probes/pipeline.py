@@ -128,7 +128,7 @@ def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Se
     for probe in built.values():
         probe.check_run(model, batch)
     tracker = progress if isinstance(progress, Progress) else \
-        Progress(progress if callable(progress) else None, cancel, bar=progress is True)
+        Progress(progress if callable(progress) else None, bar=progress is True)
     if cancel is not None:
         tracker.cancel = cancel
     if on_error not in ("raise", "note"):
@@ -142,8 +142,7 @@ def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Se
     with reporting(tracker):
         if needs_capture:
             chosen_mode = resolve_mode(mode, batch.tokens.shape[1], patterns_max_tokens)
-            tracker.stage(f"capture ({chosen_mode} mode, {batch.tokens.shape[1]} tokens)", len(batch),
-                          lo=0.0, hi=1.0 / stages)
+            tracker.lo, tracker.hi = 0.0, 1.0 / stages  # capture() names its own stage on this slice
             start = time.perf_counter()
             cap = capture(model, batch, layers=layers, heads=heads, mode=chosen_mode, keep_patterns=keep_patterns,
                           keep_qk=keep_qk, batch_size=batch_size, local_window=local_window, interventions=spec,

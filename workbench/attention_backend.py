@@ -251,9 +251,25 @@ def register() -> None:
     AttentionInterface.register(ATTENTION_NAME, workbench_attention)
 
 
-def map_sites(bridge) -> dict[int, LayerSite]:
-    """``id(HF attention module) -> LayerSite`` for every layer of a bridge (built once per model)."""
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What a workbench call switches on one bridge, derived once per model.
+
+    Attributes:
+        sites: ``id(HF attention module) -> LayerSite`` for every module of every layer's attention.
+        components: the TransformerLens attention components (one per layer).
+        configs: the Hugging Face configs whose ``_attn_implementation`` those modules read.
+    """
+
+    sites: dict[int, LayerSite]
+    components: tuple[torch.nn.Module, ...]
+    configs: tuple
+
+
+def map_attention(bridge) -> AttentionLayout:
+    """The :class:`AttentionLayout` of a bridge (see :func:`workbench.forward.bridge_call`)."""
     sites: dict[int, LayerSite] = {}
+    components, configs = [], {}
     blocks = getattr(bridge, "blocks", None)
     if blocks is None:
         raise WorkbenchError("this TransformerBridge has no 'blocks' stack: the workbench needs per-layer attention")
@@ -266,6 +282,10 @@ def map_sites(bridge) -> dict[int, LayerSite]:
         o, v = getattr(attn, "o", None), getattr(attn, "v", None)
         site = LayerSite(layer, attn, fire_z=o is not None and id(o) not in inside,
                          fire_v=v is not None and id(v) not in inside)
+        components.append(attn)
         for module in hf.modules():
             sites[id(module)] = site
-    return sites
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                configs[id(config)] = config
+    return AttentionLayout(sites, tuple(components), tuple(configs.values()))

@@ -95,8 +95,7 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
     mode = resolve_mode(mode, batch.tokens.shape[1])
     spec = as_intervention_set(interventions)
     edits = spec.compile(model, batch)
-    tracker = progress.stage(progress.desc, len(batch)) if isinstance(progress, Progress) else \
-        as_progress(progress, desc=f"capture ({mode} mode, {batch.tokens.shape[1]} tokens)", total=len(batch))
+    tracker = as_progress(progress, desc=f"capture ({mode} mode, {batch.tokens.shape[1]} tokens)", total=len(batch))
     if mode == "stats":
         from workbench.capture_stats import capture_stats
 

@@ -46,25 +46,23 @@ def bridge_call(model, key_padding_mask: torch.Tensor | None, *, backend: str | 
 
     check_backend(backend)
     register()
-    sites = model.attention_sites
-    components = list({id(s.bridge_attn): s.bridge_attn for s in sites.values()}.values())
-    configs = model.attention_configs
+    layout = model.attention
     device = model.device
     mask = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
     with model.lock:
-        saved = [(config, config._attn_implementation) for config in configs]
-        token = STATE.set(CallState(sites, mask, backend, edits, tuple(recorders), local_window, stop_after_layer))
+        saved = [(config, config._attn_implementation) for config in layout.configs]
+        token = STATE.set(CallState(layout.sites, mask, backend, edits, tuple(recorders), local_window, stop_after_layer))
         try:
-            for component in components:
+            for component in layout.components:
                 object.__setattr__(component, "forward", types.MethodType(AttentionBridge.forward, component))
-            for config in configs:
+            for config in layout.configs:
                 config._attn_implementation = ATTENTION_NAME
             yield
         finally:
             STATE.reset(token)
             for config, value in saved:
                 config._attn_implementation = value
-            for component in components:
+            for component in layout.components:
                 if "forward" in vars(component):
                     object.__delattr__(component, "forward")
 

@@ -55,7 +55,7 @@ class HookedModel:
         self.d_head: int = cfg.d_head
         self.n_ctx: int = cfg.n_ctx
         self.lock = threading.RLock()
-        self._sites = None
+        self._attention = None
 
     @property
     def device(self) -> torch.device:
@@ -66,24 +66,13 @@ class HookedModel:
         return next(self.bridge.parameters()).dtype
 
     @property
-    def attention_sites(self) -> dict:
-        """``id(HF attention module) -> LayerSite`` (see :mod:`workbench.attention_backend`), built once."""
-        if self._sites is None:
-            from workbench.attention_backend import map_sites
+    def attention(self):
+        """The :class:`workbench.attention_backend.AttentionLayout` a workbench call switches (built once)."""
+        if self._attention is None:
+            from workbench.attention_backend import map_attention
 
-            self._sites = map_sites(self.bridge)
-        return self._sites
-
-    @property
-    def attention_configs(self) -> list:
-        """The Hugging Face configs whose ``_attn_implementation`` the attention modules read."""
-        configs = {}
-        for site in self.attention_sites.values():
-            for module in site.bridge_attn.original_component.modules():
-                config = getattr(module, "config", None)
-                if config is not None and hasattr(config, "_attn_implementation"):
-                    configs[id(config)] = config
-        return list(configs.values())
+            self._attention = map_attention(self.bridge)
+        return self._attention
 
     @property
     def tokenizer(self):
