@@ -123,6 +123,12 @@ class Probe(ABC):
             for m in self.metrics_ if m in self.mean_
         ])
 
+    def _summarise(self) -> None:
+        """``mean_`` / ``ci_low_`` / ``ci_high_`` of every metric from ``per_sample_`` (:func:`mean_and_ci`)."""
+        self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
+        for metric, values in self.per_sample_.items():
+            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+
     def check_run(self, model, batch) -> None:
         """Cheap checks of what a run on ``model`` and ``batch`` needs, before any forward
         (the pipeline calls it for every probe first). Override to add a probe's own needs.

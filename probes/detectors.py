@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from probes.base import Probe, masked_row_mean, mean_and_ci
+from probes.base import Probe, masked_row_mean
 from workbench.batch import TokenBatch
 from workbench.capture import Capture
 from workbench.errors import InputError
@@ -68,9 +68,7 @@ class Detectors(Probe):
             if metric == "previous_token":
                 valid &= positions[None, :] >= 1
             self.per_sample_[metric] = masked_row_mean(rows, valid[:, None, None, :])
-        self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
-        for metric, values in self.per_sample_.items():
-            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+        self._summarise()
         self.layers_, self.heads_ = list(capture.layers), list(capture.heads)
         return self
 

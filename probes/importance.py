@@ -29,7 +29,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from probes.base import Probe, mean_and_ci
+from probes.base import Probe
 from probes.figures import head_heatmap
 from probes.pruning import (clean_run, kernel_logits, next_token_valid, per_sample_ce, pruning_curve,
                             replaced_metric, single_head_masks)
@@ -123,9 +123,7 @@ class HeadImportance(Probe):
         self.activation_patching_, self.patching_rank_correlation_ = None, float("nan")
         if "attribution_patching" in self.metrics_:
             self._fit_patching(model, batch, z_clean, masks)
-        self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
-        for metric, values in self.per_sample_.items():
-            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+        self._summarise()
         return self
 
     def _fit_patching(self, model: HookedModel, batch: TokenBatch, z_clean: dict[int, torch.Tensor],

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 
-from probes.base import Probe, masked_row_mean, mean_and_ci
+from probes.base import Probe, masked_row_mean
 from workbench.batch import TokenBatch
 from workbench.capture import Capture
 from workbench.model import HookedModel
@@ -49,8 +49,6 @@ class PatternStats(Probe):
         self.metrics_ = self.check_metrics(self.metrics)
         valid = capture.mask[:, None, None, :]
         self.per_sample_ = {m: masked_row_mean(capture.row_stats[m], valid) for m in self.metrics_}
-        self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
-        for metric, values in self.per_sample_.items():
-            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+        self._summarise()
         self.layers_, self.heads_ = list(capture.layers), list(capture.heads)
         return self

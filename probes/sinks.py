@@ -127,9 +127,7 @@ class Sinks(Probe):
             self._fit_sink_tokens(model, capture)
             if "noop_score" in wanted:
                 self.per_sample_["noop_score"] = self._noop(model, capture)
-        self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
-        for metric, values in self.per_sample_.items():
-            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+        self._summarise()
         return self
 
     def _fit_sink_tokens(self, model: HookedModel, capture: Capture) -> None:

@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from probes.base import Probe, mean_and_ci
+from probes.base import Probe
 from probes.vhd_inputs import ContextPrompt, prompts_from_batch
 from workbench.batch import TokenBatch
 from workbench.capture import Capture
@@ -172,7 +172,6 @@ class VHD(Probe):
         self.tvhd_ = t_vhd(every_head, min(self.top_k_, model.n_heads))
         self.per_sample_ = {"vhd": every_head[:, :, heads]}
         self.energy_ = torch.stack([e[0] for e in energy])[:, :, heads]
-        mean, low, high = mean_and_ci(self.per_sample_["vhd"])
-        self.mean_, self.ci_low_, self.ci_high_ = {"vhd": mean}, {"vhd": low}, {"vhd": high}
+        self._summarise()
         self.layers_, self.heads_ = layers, heads
         return self
