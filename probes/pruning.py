@@ -23,7 +23,7 @@ from workbench.errors import InputError
 from workbench.attention_backend import AttentionCall
 from workbench.forward import bridge_call, check_finite_values, run
 from workbench.head_edits import OutputEdits
-from workbench.model import HookedModel
+from workbench.model import HookedModel, bind_hook
 from workbench.progress import Estimate
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
@@ -51,18 +51,14 @@ def clean_run(model: HookedModel, batch: TokenBatch, *, layer_inputs: bool = Fal
     def record(call: AttentionCall, result) -> None:
         store[call.layer] = result.out.detach().transpose(1, 2).float()
 
-    def keep_residual(resid: torch.Tensor, hook, layer: int) -> torch.Tensor:
+    def keep_residual(resid: torch.Tensor, hook, *, layer: int) -> torch.Tensor:
         residuals[layer] = resid.detach()
         return resid
     hooks = []
     if layer_inputs and _decoder_stack(model) is not None:
-        hooks = [(f"blocks.{layer}.hook_resid_pre", _bind(keep_residual, layer)) for layer in range(model.n_layers)]
+        hooks = [(f"blocks.{layer}.hook_resid_pre", bind_hook(keep_residual, layer=layer)) for layer in range(model.n_layers)]
     logits = run(model, batch, backend="sdpa", recorders=[record], fwd_hooks=hooks)
     return logits, store, (residuals if hooks else None)
-
-
-def _bind(fn, layer: int):
-    return lambda tensor, hook: fn(tensor, hook, layer)
 
 
 def _decoder_stack(model: HookedModel):
