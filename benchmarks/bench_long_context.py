@@ -7,9 +7,9 @@ configuration's peak never hides another's):
 - ``sdpa_body``: the same forward without the LM head (the part stats capture runs);
 - ``bridge``: ``TransformerBridge.run_with_cache`` keeping every ``hook_pattern`` (skipped when the
   projected pattern memory exceeds the free RAM, or above ``--skip-bridge-above``);
-- ``stats``: ``capture(model, batch, mode="stats", detectors=False)``: every METRICS §1 statistic
+- ``stats``: ``capture(model, batch, mode="stats", detectors=False)``: every docs/metrics.md §1 statistic
   (the nine row statistics and the received mass, raw and normalised) for all heads, no ``[q, k]`` map;
-- ``stats_detectors``: the same plus the METRICS §2 detector rows (induction / duplicate mass,
+- ``stats_detectors``: the same plus the docs/metrics.md §2 detector rows (induction / duplicate mass,
   an exact gather at their target pairs): the default ``capture(..., mode="stats")``.
 
 Each child reports wall time and CPU time (``time.process_time``). On a shared machine the wall

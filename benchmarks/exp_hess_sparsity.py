@@ -1,4 +1,4 @@
-"""HeSS-guided vs uniform vs random block-sparse attention on SmolLM2 (METRICS §6).
+"""HeSS-guided vs uniform vs random block-sparse attention on SmolLM2 (docs/metrics.md §6).
 
 Steps:
 1. HeSS on ``--n-calibration`` samples: e1 = next-token CE on the bundled calibration text

@@ -1,4 +1,4 @@
-"""Block scores and block selection for block-sparse attention (HeSS, METRICS.md section 6).
+"""Block scores and block selection for block-sparse attention (HeSS, docs/metrics.md §6).
 
 Blocks: query block ``t`` = query rows ``[t*bs, (t+1)*bs)``; key block ``u`` = key positions
 ``[u*bs, (u+1)*bs)`` (the last block of each may be shorter).

@@ -57,7 +57,7 @@ def attention_with_stats(
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> AttentionStats:
-    """Attention output, per-row LSE and the METRICS §1 statistics, never materialising the map.
+    """Attention output, per-row LSE and the docs/metrics.md §1 statistics, never materialising the map.
 
     Args:
         q: ``[B, Hq, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` and ``Nq <= Nk``.

@@ -1,4 +1,4 @@
-"""Every METRICS §1 row statistic and the received mass in one pass, given the final LSE.
+"""Every docs/metrics.md §1 row statistic and the received mass in one pass, given the final LSE.
 
 With ``lse`` known, each probability is exact where it is computed: ``p_ij = exp(t_ij)`` with
 ``t_ij = scale·q_i·k_j - lse_i`` (one matmul against ``[K | 1]`` with ``-lse`` appended to the
@@ -285,7 +285,7 @@ def exact_stats(
     block_q: int | None = None,
     block_k: int | None = None,
 ) -> ExactStats:
-    """All METRICS §1 row statistics (and received mass) from q, k and the final LSE, in one pass.
+    """All docs/metrics.md §1 row statistics (and received mass) from q, k and the final LSE, in one pass.
 
     Args:
         q: ``[B, Hq, Nq, D]``; k: ``[B, Hkv, Nk, D]``; lse: ``[B, Hq, Nq]`` from a forward on the

@@ -17,7 +17,7 @@ STAT_NAMES: tuple[str, ...] = (
     "local_mass",
     "mean_distance",
 )
-"""Per-query-row statistics (METRICS.md section 1), in a fixed order."""
+"""Per-query-row statistics (docs/metrics.md §1), in a fixed order."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Window and first-key masses recomputed from the final LSE (torch, any device).
 
-``local_mass``, ``self_mass``, ``prev_token_mass``, ``first1_mass`` and ``first4_mass`` (METRICS §1)
+``local_mass``, ``self_mass``, ``prev_token_mass``, ``first1_mass`` and ``first4_mass`` (docs/metrics.md §1)
 need only the keys within ``w`` of each row and the first four keys, so they are recomputed as
 ``exp(q_i·k_j - lse_i)`` at those keys once a row's LSE is final: a narrow band matmul read along
 its diagonal plus one ``[rows, 4]`` matmul. Shared by the one-pass chunked forward and the exact pass.

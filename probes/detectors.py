@@ -1,4 +1,4 @@
-"""Head detectors (METRICS §2, TransformerLens conventions).
+"""Head detectors (docs/metrics.md §2, TransformerLens conventions).
 
 - ``previous_token``: mean over real rows i >= 1 of ``A[i, i-1]``.
 - ``induction``: mean over rows that have a target of the mass on positions j whose previous

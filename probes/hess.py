@@ -1,4 +1,4 @@
-"""HeSS: head sensitivity to attention sparsification (METRICS §6).
+"""HeSS: head sensitivity to attention sparsification (docs/metrics.md §6).
 
 ``F_e(h) = E_samples ‖∂e/∂W_Q^h‖_F²`` (empirical Fisher of an error ``e`` w.r.t. the head's
 slice of the query projection), normalised within the layer ``HeSS_e(h) = F_e(h) / Σ_h' F_e(h')``
@@ -218,7 +218,7 @@ def bootstrap_hess(f1: torch.Tensor, f2: torch.Tensor, lam: float, *, n_boot: in
 
 # ----------------------------------------------------------------------------- probe
 class HeSS(Probe):
-    """Head sensitivity to attention sparsification (METRICS §6).
+    """Head sensitivity to attention sparsification (docs/metrics.md §6).
 
     Args:
         metrics: subset of ``hess``, ``hess_e1``, ``hess_e2`` to report (all computed).

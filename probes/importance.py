@@ -1,4 +1,4 @@
-"""Head importance (METRICS §4): ablation Δloss, gradient importance, attribution patching.
+"""Head importance (docs/metrics.md §4): ablation Δloss, gradient importance, attribution patching.
 
 - ``ablation_zero`` / ``ablation_mean`` / ``ablation_resample``: per sample, the next-token
   cross-entropy (mean over the sample's real next-token positions) with the head's output ``z``

@@ -1,4 +1,4 @@
-"""Pattern statistics per head (METRICS §1), averaged over real query rows, then samples."""
+"""Pattern statistics per head (docs/metrics.md §1), averaged over real query rows, then samples."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batched head replacement (many ablations per forward) and the pruning curve (METRICS §4).
+"""Batched head replacement (many ablations per forward) and the pruning curve (docs/metrics.md §4).
 
 The engine runs ``C`` copies of a batch in one forward of the model (the one forward,
 :func:`workbench.forward.run`, fused SDPA attention, no statistics), copy ``c`` replacing the per-head

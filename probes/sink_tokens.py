@@ -1,4 +1,4 @@
-"""Sink tokens by massive activations (METRICS §3), read from the residual stream.
+"""Sink tokens by massive activations (docs/metrics.md §3), read from the residual stream.
 
 For a hidden state ``x`` (``[D]``) the RMS-scaled magnitude of dimension ``d`` is
 ``r_d(x) = |x_d| / RMS(x)`` with ``RMS(x) = sqrt(mean_d x_d²)``; the sink test of "See What You

@@ -1,4 +1,4 @@
-"""Attention-sink probe (METRICS §3): sink scores, first-4 mass, no-op score, sink tokens.
+"""Attention-sink probe (docs/metrics.md §3): sink scores, first-4 mass, no-op score, sink tokens.
 
 Metrics per head (mean over samples, Student-t 95% interval):
 

@@ -1,4 +1,4 @@
-"""Block budgets for HeSS-guided block-sparse attention (METRICS §6).
+"""Block budgets for HeSS-guided block-sparse attention (docs/metrics.md §6).
 
 Budget rule (documented in ``docs/hess.md``): with sparsity ``s`` (fraction of visible key
 blocks dropped) and block size ``B``, query block ``t`` of a causal layer sees ``n_t = t + 1``

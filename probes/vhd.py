@@ -1,4 +1,4 @@
-"""VHD, head divergence to a context span (METRICS §5; "Vision-aware Head Divergence", ACL 2025).
+"""VHD, head divergence to a context span (docs/metrics.md §5; "Vision-aware Head Divergence", ACL 2025).
 
 At generation step t (query position ``n - 1 + t`` of the prompt plus the tokens ``y_<t``)::
 

@@ -1,4 +1,4 @@
-"""VHR, reinforcement of the heads that read the context (METRICS §5; ACL 2025).
+"""VHR, reinforcement of the heads that read the context (docs/metrics.md §5; ACL 2025).
 
 At t = 0, layer by layer in increasing order, with the heads already selected in earlier
 layers reinforced (in both branches):

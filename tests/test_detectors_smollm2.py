@@ -1,4 +1,4 @@
-"""Detectors on the real SmolLM2, cross-checked against TransformerLens and the METRICS text."""
+"""Detectors on the real SmolLM2, cross-checked against TransformerLens and the definitions of docs/metrics.md §2."""
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ def test_detectors_match_the_metrics_definition_and_name_the_heads(smollm2):
     L = batch.meta[0]["repeat_period"]
     n = batch.tokens.shape[1]
     second_copy = torch.arange(L + 1, n)
-    # METRICS §2 written out directly on the stored maps
+    # docs/metrics.md §2 written out directly on the stored maps
     induction = torch.zeros(smollm2.n_layers, smollm2.n_heads)
     previous = torch.zeros(smollm2.n_layers, smollm2.n_heads)
     for layer in range(smollm2.n_layers):

@@ -18,7 +18,7 @@ def _random_pattern(B, H, N, mask, causal, seed=0):
 
 
 def _loop_stats(A, mask, causal, w=8):
-    """Straightforward per-element definitions of METRICS §1 (independent implementation)."""
+    """Straightforward per-element definitions of docs/metrics.md §1 (independent implementation)."""
     B, H, N, _ = A.shape
     out = {k: torch.zeros(B, H, N) for k in ["entropy", "entropy_normalized", "max_weight", "first1_mass",
                                              "first4_mass", "prev_token_mass", "self_mass", "local_mass",

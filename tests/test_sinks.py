@@ -1,4 +1,4 @@
-"""Sinks probe (METRICS §3): planted sink head, analytic uniform head, massive activations, no-op."""
+"""Sinks probe (docs/metrics.md §3): planted sink head, analytic uniform head, massive activations, no-op."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""VHD / T-VHD / VHR (METRICS §5): planted zero head, exactness, inputs, sequential VHR, vision path."""
+"""VHD / T-VHD / VHR (docs/metrics.md §5): planted zero head, exactness, inputs, sequential VHR, vision path."""
 
 from dataclasses import dataclass
 

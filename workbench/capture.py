@@ -82,7 +82,7 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
         progress: True for a terminal bar, False for none, or a callback ``(fraction, message)``
             (:class:`workbench.progress.Progress`, which also carries a cancel check).
         detectors: also record the detector rows ``induction_mass`` / ``duplicate_mass``
-            (METRICS §2); ``False`` skips them (about 8% of a long stats capture).
+            (docs/metrics.md §2); ``False`` skips them (about 8% of a long stats capture).
     """
     from workbench.interventions import as_intervention_set
     from workbench.model import load_model

@@ -29,7 +29,7 @@ class Capture:
         tokens, mask: ``[B, N]`` ids (right-padded) and bool real-token mask.
         str_tokens: per sample, the readable tokens of its real positions.
         layers, heads: the captured subset (model indices).
-        row_stats: METRICS §1 statistic -> ``[B, L, H, N]`` fp32 (0 on padding), plus the
+        row_stats: docs/metrics.md §1 statistic -> ``[B, L, H, N]`` fp32 (0 on padding), plus the
             detector row masses ``induction_mass``/``duplicate_mass`` (NaN where undefined).
         received, received_normalized: per-key received mass ``[B, L, H, N]``.
         patterns: layer -> ``[B, H, N, N]`` fp32 maps, when kept.

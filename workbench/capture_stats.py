@@ -6,7 +6,7 @@ every attention call goes through :func:`kernels.attention_with_stats` with ``re
 out + LSE, then one exact pass; heads with pattern-level interventions recomputed exactly in
 row blocks, :mod:`workbench.head_edits`) and a recorder keeps, for the selected layers and heads only:
 
-- the METRICS §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
+- the docs/metrics.md §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
 - received mass per key (``AttentionStats.received``, computed in the same attention call);
 - the detector rows ``induction_mass`` / ``duplicate_mass``, gathered exactly at their target
   pairs from q, k and the LSE (:func:`workbench.recompute.detector_rows_from_qk`);

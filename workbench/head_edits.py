@@ -1,4 +1,4 @@
-"""The exact rules of the per-head interventions, applied inside the attention call (METRICS §7).
+"""The exact rules of the per-head interventions, applied inside the attention call (docs/metrics.md §7).
 
 One implementation for every attention backend (:mod:`workbench.attention_backend`):
 
@@ -28,7 +28,7 @@ _ELEMENTS = 1 << 22  # logits per row block of a recomputed head (16 MB fp32)
 
 def redistribute_delta(probs: torch.Tensor, is_sink: torch.Tensor, in_span: torch.Tensor,
                        keep: float, rho: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """VAR change of the attention on a set of columns (METRICS §3).
+    """VAR change of the attention on a set of columns (docs/metrics.md §3).
 
     Args:
         probs: ``[..., C]`` current probabilities of each query row on C columns.

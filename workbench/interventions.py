@@ -1,4 +1,4 @@
-"""Per-head interventions (METRICS §7): the spec, its parsing and validation.
+"""Per-head interventions (docs/metrics.md §7): the spec, its parsing and validation.
 
 Every intervention acts on one query head ``(layer, head)`` of a forward:
 
@@ -7,7 +7,7 @@ Every intervention acts on one query head ``(layer, head)`` of a forward:
   :class:`ReferenceZ`), ``resample`` (z_h <- the value on another input), ``scale``
   (z_h <- alpha z_h);
 - pattern-level (on the head's attention ``A``): ``softpag`` (A <- (1-u) A + u I) and
-  ``redistribute`` (the VAR rule of METRICS §3, :func:`redistribute_delta`).
+  ``redistribute`` (the VAR rule of docs/metrics.md §3, :func:`redistribute_delta`).
 
 :meth:`InterventionSet.compile` turns a set into the :class:`workbench.head_edits.HeadEdits` that
 the one attention function applies in every backend (the exact rules live there), so a capture,
@@ -72,7 +72,7 @@ class HeadIntervention:
         if self.kind != "redistribute":
             return
         if self.layer == model.n_layers - 1:
-            raise InputError(f"{name}: redistribute leaves the last layer unmodified (METRICS §3): "
+            raise InputError(f"{name}: redistribute leaves the last layer unmodified (docs/metrics.md §3): "
                              f"pick a layer below {model.n_layers - 1}")
         if self.span is not None:
             t0, t1 = (int(x) for x in self.span)

@@ -1,4 +1,4 @@
-"""Per-row facts of a materialised attention map (METRICS §1, §2), for patterns mode.
+"""Per-row facts of a materialised attention map (docs/metrics.md §1, §2), for patterns mode.
 
 The statistics themselves are the kernels' (:func:`kernels.reference.stats_from_probs`), so
 both capture modes compute them with one implementation; this module adds the masking of a
@@ -33,7 +33,7 @@ def visibility(key_mask: torch.Tensor, n_queries: int, causal: bool) -> torch.Te
 
 def map_row_statistics(A: torch.Tensor, key_mask: torch.Tensor, *, causal: bool,
                        local_window: int = 8) -> dict[str, torch.Tensor]:
-    """All METRICS §1 per-row statistics of a map, each ``[B, H, Nq]`` (0 on padded query rows)."""
+    """All docs/metrics.md §1 per-row statistics of a map, each ``[B, H, Nq]`` (0 on padded query rows)."""
     n_q, n_k = A.shape[-2:]
     visible = visibility(key_mask, n_q, causal)[:, None]
     stats = stats_from_probs(A.float() * visible, visible, n_k - n_q, local_window)

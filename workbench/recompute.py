@@ -1,4 +1,4 @@
-"""Exact pieces of attention maps recomputed from saved Q, K and LSE (METRICS §8).
+"""Exact pieces of attention maps recomputed from saved Q, K and LSE (docs/metrics.md §8).
 
 ``A_ij = exp(scale · q_i·k_j − LSE_i)``: nothing here ever builds a full ``[q, k]`` map.
 

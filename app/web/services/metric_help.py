@@ -1,11 +1,11 @@
-"""One-line definitions of the metrics (from METRICS.md), shown when hovering a head."""
+"""One-line definitions of the metrics (from docs/metrics.md), shown when hovering a head."""
 
 from __future__ import annotations
 
 from probes.registry import PROBES
 
 DEFINITIONS: dict[str, str] = {
-    # METRICS §1 pattern statistics (per query row, averaged over rows, then samples)
+    # docs/metrics.md §1 pattern statistics (per query row, averaged over rows, then samples)
     "entropy": "attention entropy H_i = -Σ_j A_ij log A_ij (nats), mean over query rows",
     "entropy_normalized": "entropy divided by log(number of visible keys): 0 = one key, 1 = uniform",
     "max_weight": "largest weight of each row, max_j A_ij, mean over rows",
@@ -15,7 +15,7 @@ DEFINITIONS: dict[str, str] = {
     "self_mass": "mass on the token itself A_ii",
     "local_mass": "mass within 8 positions Σ_{|i-j|≤8} A_ij",
     "mean_distance": "mean attention distance Σ_j A_ij |i - j| (tokens)",
-    # METRICS §2 detectors
+    # docs/metrics.md §2 detectors
     "previous_token": "previous-token score: mean over rows of A_{i,i-1}",
     "induction": "induction score: mass on tokens right after earlier copies of the current token",
     "duplicate_token": "duplicate-token score: mass on earlier occurrences of the same token",
