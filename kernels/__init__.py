@@ -1,8 +1,10 @@
 """Attention kernels (layer L0): imports only torch, triton and the standard library.
 
 Backends: ``reference`` (plain torch, materialises the map), ``chunked`` (torch, block-wise online
-softmax), ``sdpa_recompute`` (CPU: PyTorch's fused SDPA kernel for out + LSE, then one exact pass
-for every statistic and the received mass) and ``triton`` (GPU kernels, imported lazily). Every public function
+softmax), ``row_pass`` (CPU default: whole rows of a query block, one compiled softmax-and-statistics
+loop between the two matmuls), ``sdpa_recompute`` (CPU: PyTorch's fused SDPA kernel for out + LSE,
+then one exact pass for every statistic and the received mass) and ``triton`` (GPU kernels,
+imported lazily). Every public function
 validates its inputs and raises ``TypeError``/``ValueError`` with a message naming the fix.
 """
 

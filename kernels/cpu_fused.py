@@ -29,13 +29,19 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "tile_stats.c"
+ROW_SOURCE = Path(__file__).parent / "csrc" / "row_softmax.c"
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared") + (("-mprefer-vector-width=512",) if _X86 else ())
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC") + (("-mprefer-vector-width=512",) if _X86 else ())
+# Linked in a second step without -ffast-math: linked with it, gcc adds crtfastmath.o, whose constructor
+# turns on flush-to-zero / denormals-are-zero for the whole process as soon as the library loads.
+LINK_FLAGS = ("-shared", "-fPIC")
 LIBS = (("-lmvec",) if _X86 and platform.system() == "Linux" else ()) + ("-lm",)  # glibc's vector expf
 DISABLE_ENV = "WORKBENCH_CPU_FUSED"
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I, _I, _I, _P, _P, ctypes.c_int32, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P]
+_ROW_ARGTYPES = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_float, ctypes.c_int32,
+                 _P, _P, _P, _P, _P, _P, _I]
 
 
 def _compiler() -> str | None:
@@ -82,20 +88,22 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(cc: str) -> Path:
-    """Compile the source once per (source, flags, compiler, CPU); the library is written atomically."""
+def _build(cc: str, source: Path = SOURCE) -> Path:
+    """Compile ``source`` once per (source, flags, compiler, CPU); the library is written atomically."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [SOURCE.read_text(), *FLAGS, *LIBS, cc, version, _cpu_flags()]
+    parts = [source.read_text(), *FLAGS, *LINK_FLAGS, *LIBS, cc, version, _cpu_flags()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     folder = _cache_dir()
     _check_private(folder)
-    target = folder / f"tile_stats-{key}.so"
+    target = folder / f"{source.stem}-{key}.so"
     if os.path.lexists(target):
         _check_private(target)
         return target
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), *LIBS], capture_output=True, text=True, check=True)
+        obj = Path(tmp) / f"{source.stem}.o"
+        subprocess.run([cc, *FLAGS, "-c", str(source), "-o", str(obj)], capture_output=True, text=True, check=True)
+        subprocess.run([cc, *LINK_FLAGS, str(obj), "-o", str(built), *LIBS], capture_output=True, text=True, check=True)
         os.replace(built, target)  # atomic: concurrent builders leave one complete file
     return target
 
@@ -103,21 +111,32 @@ def _build(cc: str) -> Path:
 @functools.cache
 def tile_stats():
     """The compiled ``tile_stats`` C function (ctypes), or None when it cannot be used here."""
+    return _load(SOURCE, "tile_stats", _ARGTYPES)
+
+
+@functools.cache
+def row_softmax():
+    """The compiled ``row_softmax`` C function (``csrc/row_softmax.c``), or None when it cannot be used here."""
+    return _load(ROW_SOURCE, "row_softmax", _ROW_ARGTYPES)
+
+
+def _load(source: Path, symbol: str, argtypes: list):
+    """Build (once) and load ``symbol`` from ``source``; None (with a warning) when that fails."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     cc = _compiler()
     if cc is None:
-        warnings.warn("no C compiler found: the exact attention pass runs in torch ops (slower); "
-                      "install gcc to build kernels/csrc/tile_stats.c", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"no C compiler found: the exact attention pass runs in torch ops (slower); "
+                      f"install gcc to build kernels/csrc/{source.name}", RuntimeWarning, stacklevel=3)
         return None
     try:
-        fn = ctypes.CDLL(str(_build(cc))).tile_stats
+        fn = getattr(ctypes.CDLL(str(_build(cc, source))), symbol)
     except UnsafeCacheError as err:
         return _fallback(str(err))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        return _fallback(f"could not build kernels/csrc/tile_stats.c ({detail.strip()[:300]})")
-    fn.argtypes, fn.restype = _ARGTYPES, None
+        return _fallback(f"could not build kernels/csrc/{source.name} ({detail.strip()[:300]})")
+    fn.argtypes, fn.restype = argtypes, None
     return fn
 
 

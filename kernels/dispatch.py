@@ -2,8 +2,9 @@
 Triton backends.
 
 ``backend="auto"`` picks ``"triton"`` for CUDA tensors when triton is importable; on the CPU it
-picks ``"sdpa_recompute"`` for :func:`attention_with_stats` where PyTorch's fused CPU kernel applies
-(fp32, ``Nq == Nk`` or bidirectional) and ``"chunked"`` otherwise. ``"reference"`` materialises
+picks ``"row_pass"`` for :func:`attention_with_stats` where its compiled loop builds, else
+``"sdpa_recompute"`` where PyTorch's fused CPU kernel applies (fp32, ``Nq == Nk`` or
+bidirectional), and ``"chunked"`` otherwise. ``"reference"`` materialises
 the full map (small inputs only).
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from . import chunked, recompute, reference, sdpa_lse
+from . import chunked, recompute, reference, row_pass, sdpa_lse
 from .exact_pass import exact_stats
 from .types import AttentionStats
 from .validation import (
     check_block,
+    check_int,
     check_keep,
     check_key_padding_mask,
     check_qk,
@@ -28,7 +30,7 @@ from .validation import (
 def _pick(backend: object, device: torch.device, head_dim: int, block_size: int | None = None) -> str:
     """Resolve the backend; "auto" falls back to chunked where the Triton kernels cannot run."""
     chosen = resolve_backend(backend, device)
-    if chosen == "sdpa_recompute":  # a strategy of attention_with_stats only; elsewhere the chunked code
+    if chosen in ("sdpa_recompute", "row_pass"):  # strategies of attention_with_stats only; elsewhere the chunked code
         return "chunked"
     if backend == "auto" and chosen == "triton":
         sparse_ok = block_size is None or (16 <= block_size <= 128 and block_size & (block_size - 1) == 0)
@@ -69,20 +71,34 @@ def attention_with_stats(
         local_window: ``w`` of ``local_mass = Σ_{|i-j|<=w} A_ij``.
         received: also compute the received mass per key (``result.received`` /
             ``result.received_normalized``, see :func:`received_mass`).
-        backend: "auto" | "reference" | "chunked" | "sdpa_recompute" | "triton".
+        backend: "auto" | "reference" | "chunked" | "sdpa_recompute" | "row_pass" | "triton".
             chunked / triton: one streaming pass (online softmax) gives out, LSE and the statistics;
             the received mass is a second pass with the saved LSE. sdpa_recompute (CPU, fp32,
             ``Nq == Nk`` or bidirectional): out and LSE from PyTorch's fused CPU flash kernel, then
-            one exact pass with that LSE gives every statistic and the received mass (faster on CPUs).
+            one exact pass with that LSE gives every statistic and the received mass. row_pass (CPU,
+            needs a C compiler; the CPU default): whole rows of one query block at a time, one
+            matmul for the logits, one compiled softmax-and-statistics loop, one matmul for the
+            output (:mod:`kernels.row_pass`; the fastest on CPUs).
         block_q / block_k: tile sizes, None = the backend's default. chunked: query rows per head
             and keys per tile (default about 1.2M logits a tile); sdpa_recompute: the same for its
-            exact pass (default about 1.2M); triton: BLOCK_M / BLOCK_N, powers of two >= 16 (default 64 / 32).
+            exact pass (default about 1.2M); row_pass: query rows per head (whole rows; block_k is
+            unused); triton: BLOCK_M / BLOCK_N, powers of two >= 16 (default 64 / 32).
     Returns:
         ``AttentionStats(out [B, Hq, Nq, D] input dtype, lse [B, Hq, Nq] fp32, stats {name: [B, Hq, Nq]},
         received / received_normalized [B, Hq, Nk] fp32 or None)``.
     """
     dims = check_qk(q, k)
     chosen = resolve_backend(backend, q.device)
+    if chosen == "row_pass" or (backend == "auto" and chosen == "chunked" and row_pass.available(q)):
+        if not row_pass.available(q):
+            raise ValueError("backend='row_pass' needs CPU tensors and a C compiler (kernels/csrc/row_softmax.c); "
+                             "use backend='chunked'")
+        dims = check_qkv(q, k, v)
+        mask = check_key_padding_mask(key_padding_mask, dims, q.device)
+        if block_q is not None:
+            block_q = check_block(block_q, "block_q")
+        return row_pass.row_pass_attention(q, k, v, dims, causal, mask, resolve_scale(scale, dims.head_dim),
+                                           check_int(local_window, "local_window", low=0), received, block_q)
     if chosen == "sdpa_recompute" or (backend == "auto" and chosen == "chunked"):
         reason = sdpa_lse.unsupported_reason(q, dims, causal)
         if reason is None:

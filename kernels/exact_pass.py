@@ -40,7 +40,7 @@ from .validation import (
     check_qk,
     resolve_scale,
 )
-from .window_stats import WindowMasses
+from .window_stats import WindowMasses, write_row_stats
 
 _TILE_ELEMENTS = 1_200_000  # logits per tile: large enough that two threads are not held back by per-op overhead
 
@@ -252,23 +252,8 @@ class _Pass:
         shape5 = (d.batch, d.heads_kv, d.group, i1 - i0)
         live = self.live[..., i0:i1]
         inf_dead = torch.where(live.reshape_as(lse_b), lse_b, float("inf"))
-        local, self_m, prev, first1, first4 = self.window(qb, inf_dead, i0, i1)
-        cnt = self.counts[..., i0:i1]
-        zero = torch.zeros((), device=qb.device)
-        ent5 = ent.view(shape5)
-        values = {
-            "entropy": ent5,
-            "entropy_normalized": torch.where(cnt > 1, ent5 / torch.log(cnt.clamp(min=2.0)), zero),
-            "max_weight": pmax.view(shape5),
-            "first1_mass": first1,
-            "first4_mass": first4,
-            "prev_token_mass": prev,
-            "self_mass": self_m,
-            "local_mass": local,
-            "mean_distance": dist.view(shape5),
-        }
-        for idx, name in enumerate(STAT_NAMES):
-            self.stats[idx, ..., i0:i1] = torch.where(live, values[name], zero)
+        write_row_stats(self.stats, self.window, qb, inf_dead, i0, i1, self.counts[..., i0:i1], live,
+                        ent.view(shape5), pmax.view(shape5), dist.view(shape5))
 
 
 @torch.no_grad()

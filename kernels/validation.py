@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "sdpa_recompute", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked", "sdpa_recompute", "row_pass", "triton")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .types import STAT_NAMES
 from .validation import AttnDims
 
 _WINDOW_ELEMENTS = 4_000_000  # cap on the logits of one band matmul
@@ -107,3 +108,32 @@ class WindowMasses:
             vf = vf & self._keep_at(i0, i1, jf.expand(n, nf)).view(B, Hkv, G, n, nf)
         a_f = torch.where(vf, torch.exp(lf).view(B, Hkv, G, n, nf), torch.zeros((), device=dev))
         return local, self_m, prev, a_f[..., 0], a_f.sum(-1)
+
+
+def write_row_stats(stats: torch.Tensor, window: WindowMasses, qb: torch.Tensor, lse: torch.Tensor, i0: int, i1: int,
+                    counts: torch.Tensor, live: torch.Tensor, ent: torch.Tensor, pmax: torch.Tensor,
+                    dist: torch.Tensor) -> None:
+    """Write every docs/metrics.md §1 statistic of rows ``i0:i1`` into ``stats``.
+
+    Args:
+        stats: ``[len(STAT_NAMES), B, Hkv, G, Nq]`` output (rows that see no key get 0).
+        window, qb, lse: the band recompute, the rows' scaled queries ``[B*Hkv, G*n, D]`` and
+            their LSE ``[B*Hkv, G*n]`` (``+inf`` on rows that see no key).
+        counts: visible keys per row ``[B, 1, 1, n]``; live: ``[B, Hkv, G, n]`` rows that see a key.
+        ent, pmax, dist: the rows' entropy, max weight and mean distance, ``[B, Hkv, G, n]``.
+    """
+    local, self_m, prev, first1, first4 = window(qb, lse, i0, i1)
+    zero = torch.zeros((), device=qb.device)
+    values = {
+        "entropy": ent,
+        "entropy_normalized": torch.where(counts > 1, ent / torch.log(counts.clamp(min=2.0)), zero),
+        "max_weight": pmax,
+        "first1_mass": first1,
+        "first4_mass": first4,
+        "prev_token_mass": prev,
+        "self_mass": self_m,
+        "local_mass": local,
+        "mean_distance": dist,
+    }
+    for idx, name in enumerate(STAT_NAMES):
+        stats[idx, ..., i0:i1] = torch.where(live, values[name], zero)

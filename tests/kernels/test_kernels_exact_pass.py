@@ -86,7 +86,9 @@ def test_peaked_logits_need_the_exp_floor(epilogue):
     assert_within_precision("received", got.received, t_raw, b_raw, rel_atol=1e-4)
 
 
-def test_auto_picks_sdpa_recompute_on_cpu_fp32_and_chunked_otherwise():
+def test_auto_picks_sdpa_recompute_without_the_row_pass_and_chunked_otherwise(monkeypatch):
+    """Where the row pass cannot build (no compiler), auto falls back to sdpa_recompute, then chunked."""
+    monkeypatch.setattr(cpu_fused, "row_softmax", lambda: None)
     q, k, v, mask, _ = make_inputs("gqa-causal-pad")
     auto = attention_with_stats(q, k, v, key_padding_mask=mask, received=True)
     explicit = attention_with_stats(q, k, v, key_padding_mask=mask, received=True, backend="sdpa_recompute")
