@@ -43,6 +43,11 @@ class AnalysisRequest:
     dtype: str = "float32"
     out: Path | None = None
     force: bool = False
+    engine: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    resume: bool = False
+    generate: bool = False
 
 
 @dataclass
@@ -90,6 +95,12 @@ def check_request(req: AnalysisRequest):
 
     if req.mode not in ("auto", "patterns", "stats"):
         raise InputError(f"unknown mode '{req.mode}': use auto, patterns or stats")
+    if req.engine not in ("local", "ray"):
+        raise InputError(f"unknown engine '{req.engine}': use local or ray")
+    if req.engine == "local" and (req.workers is not None or req.address or req.resume):
+        raise InputError("--workers, --address and --resume apply to --engine ray: add --engine ray")
+    if req.workers is not None:
+        check_int("--workers", req.workers)
     for name, value in (("--n", req.n), ("--seq-len", req.seq_len), ("--batch-size", req.batch_size)):
         if value is not None:
             check_int(name, value)
@@ -97,9 +108,16 @@ def check_request(req: AnalysisRequest):
         if values is not None and any(v < 0 for v in values):
             raise InputError(f"{name} takes indices >= 0, got {values}")
     probes = build_probes(req.probes, req.metrics, layers=req.layers, heads=req.heads)
+    if req.generate:
+        if "retrieval" not in probes:
+            raise InputError("--generate scores the model's greedy answers with the retrieval probe: "
+                             "add retrieval to --probes")
+        probes["retrieval"].set_params(generate=True)
     dataset_source(req.dataset)
     spec = as_intervention_set(req.interventions)
-    device, dtype = parse_device(req.device), parse_dtype(req.dtype)
+    # on Ray the workers' machines hold the GPUs, not necessarily this one (probes.engine_ray checks)
+    device = parse_device(req.device) if req.engine == "local" else req.device
+    dtype = parse_dtype(req.dtype)
     if req.out is not None:
         check_output(req.out, req.force)
     return probes, spec, device, dtype
@@ -116,6 +134,12 @@ def run_analysis(req: AnalysisRequest) -> AnalysisResult:
     probes, spec, device, dtype = check_request(req)
     timings: dict[str, float] = {}
     torch.manual_seed(req.seed)
+    if req.engine == "ray":
+        from app.scaleout import analyze_on_ray
+
+        result = analyze_on_ray(req, list(probes.values()), spec)
+        return _finish(req, result, result.engine.pop("model_folder"), result.batch, spec, device, dtype,
+                       result.timings)
     start = time.perf_counter()
     model = load_model(req.model, device=device, dtype=dtype)
     timings["load_model_s"] = time.perf_counter() - start
@@ -127,15 +151,23 @@ def run_analysis(req: AnalysisRequest) -> AnalysisResult:
         spec = spec.with_reference(batch)  # mean / resample ablations use the dataset itself
     result = analyze(model, batch, probes=list(probes.values()), mode=req.mode, layers=layers, heads=heads,
                      interventions=spec if len(spec) else None, batch_size=req.batch_size, progress=req.progress)
-    timings |= result.timings
+    return _finish(req, result, model.folder, batch, spec, device, dtype, timings | result.timings)
+
+
+def _finish(req: AnalysisRequest, result, model_folder, batch, spec, device, dtype, timings) -> AnalysisResult:
+    """The run's table and manifest (the same for every engine)."""
     frame = result.table
+    layers, heads = result.layers, result.heads
     manifest = {
-        "model": req.model, "model_folder": str(model.folder), "dataset": req.dataset,
+        "model": req.model, "model_folder": str(model_folder), "dataset": req.dataset,
         "probes": list(result.probes), "metrics": sorted(frame["metric"].unique().tolist()),
         "mode": result.mode or req.mode, "seed": req.seed, "n_samples": len(batch),
         "seq_lengths": batch.lengths.tolist(), "layers": layers, "heads": heads,
         "interventions": spec.text, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "versions": versions(), "timings": {k: round(v, 3) for k, v in timings.items()},
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), "engine": result.engine,
     }
+    from probes.long_context_rows import manifest_facts
+
+    manifest |= manifest_facts(result.probes)
     return AnalysisResult(frame, manifest, result.probes, result.capture)

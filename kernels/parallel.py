@@ -64,6 +64,12 @@ def run_blocks(fn: Callable[[T], None], items: Sequence[T], workers: int) -> Non
         for item in items:
             fn(item)
         return
-    with single_intra_op_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernels") as pool:
-        for _ in pool.map(fn, items):  # re-raises the first worker exception
-            pass
+    with single_intra_op_thread():
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernels")
+        try:
+            for _ in pool.map(fn, items):  # re-raises the first worker exception
+                pass
+        except BaseException:  # an error or Ctrl+C: drop the queued blocks, wait only for the running ones
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import stdtrit  # Student t quantile; scipy.stats costs ~1 s of start-up
+from scipy.special import expit, stdtrit  # Student t quantile; scipy.stats costs ~1 s of start-up
 
 from workbench.errors import InputError, WorkbenchError
 
@@ -46,10 +46,13 @@ class Probe(ABC):
         needs_capture: ``fit`` reads a :class:`workbench.capture.Capture` (``fit(capture)``).
         needs_model: ``fit`` needs the :class:`workbench.model.HookedModel` (``model=``).
         needs_batch: ``fit`` needs the :class:`workbench.batch.TokenBatch` (``batch=``).
+        bounds: metric -> ``(low, high)`` range its per-sample values can take (``high`` may be
+            ``inf``); the interval of such a metric stays inside it (:func:`mean_and_ci`).
     """
 
     name: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {}
     needs_capture: ClassVar[bool] = True
     needs_model: ClassVar[bool] = False
     needs_batch: ClassVar[bool] = False
@@ -127,7 +130,8 @@ class Probe(ABC):
         """``mean_`` / ``ci_low_`` / ``ci_high_`` of every metric from ``per_sample_`` (:func:`mean_and_ci`)."""
         self.mean_, self.ci_low_, self.ci_high_ = {}, {}, {}
         for metric, values in self.per_sample_.items():
-            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(values)
+            self.mean_[metric], self.ci_low_[metric], self.ci_high_[metric] = mean_and_ci(
+                values, bounds=self.bounds.get(metric))
 
     def check_run(self, model, batch) -> None:
         """Cheap checks of what a run on ``model`` and ``batch`` needs, before any forward
@@ -156,11 +160,20 @@ class Probe(ABC):
         return tuple(metrics)
 
 
-def mean_and_ci(per_sample: torch.Tensor, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and Student-t ``level`` interval over the first axis, ignoring NaN samples.
+def mean_and_ci(per_sample: torch.Tensor, level: float = 0.95,
+                bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and ``level`` interval over the first axis, ignoring NaN samples (docs/metrics.md,
+    "Aggregation and intervals").
+
+    Without ``bounds`` the interval is Student-t, ``mean ± t·sd/√n``. With ``bounds = (a, b)``
+    (the range every per-sample value lies in) the same t interval is built on the logit of
+    ``(mean − a)/(b − a)`` (on ``log(mean − a)`` when ``b = inf``), with the delta-method
+    standard error, and mapped back: it never leaves ``[a, b]``; a mean on a bound (every sample
+    there) gives the one-point interval.
 
     Args:
         per_sample: ``[S, ...]`` per-sample values (NaN = undefined for that sample).
+        bounds: ``(low, high)`` of a bounded metric, or None.
     Returns:
         ``(mean, ci_low, ci_high)``, each shaped like ``per_sample[0]``; the interval is NaN
         where fewer than two samples are defined.
@@ -169,11 +182,38 @@ def mean_and_ci(per_sample: torch.Tensor, level: float = 0.95) -> tuple[np.ndarr
     finite = np.isfinite(values)
     count = finite.sum(0)
     safe = np.where(finite, values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         mean = np.where(count > 0, safe.sum(0) / np.maximum(count, 1), np.nan)
         var = np.where(count > 1, ((safe - mean) ** 2 * finite).sum(0) / np.maximum(count - 1, 1), np.nan)
-        half = stdtrit(np.maximum(count - 1, 1), 0.5 + level / 2) * np.sqrt(var / np.maximum(count, 1))
-    return mean, mean - half, mean + half
+    return interval_from_moments(count, mean, var, level, bounds)
+
+
+def interval_from_moments(count: np.ndarray, mean: np.ndarray, var: np.ndarray, level: float = 0.95,
+                          bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The interval of :func:`mean_and_ci` from per-element ``count``, ``mean`` and unbiased
+    ``var`` (NaN where ``count < 2``); a run merged from shards (:mod:`probes.aggregate`) calls it."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        t = stdtrit(np.maximum(count - 1, 1), 0.5 + level / 2)
+        se = np.sqrt(var / np.maximum(count, 1))
+        if bounds is None:
+            return mean, mean - t * se, mean + t * se
+        low, high = float(bounds[0]), float(bounds[1])
+        if np.isinf(high):  # log scale: d log(m - a) = dm / (m - a)
+            shifted = np.clip(mean - low, 0.0, None)
+            half = t * se / shifted
+            ci_low, ci_high = low + shifted * np.exp(-half), low + shifted * np.exp(half)
+            on_bound = shifted <= 0
+        else:  # logit scale: d logit(p) = dp / (p (1 - p)), p = (m - a) / (b - a)
+            p = np.clip((mean - low) / (high - low), 0.0, 1.0)
+            centre = np.log(p) - np.log1p(-p)
+            half = t * se / (high - low) / (p * (1 - p))
+            ci_low = low + (high - low) * expit(centre - half)
+            ci_high = low + (high - low) * expit(centre + half)
+            on_bound = (p <= 0) | (p >= 1)
+    undefined = np.isnan(var)
+    ci_low = np.where(undefined, np.nan, np.where(on_bound, mean, ci_low))
+    ci_high = np.where(undefined, np.nan, np.where(on_bound, mean, ci_high))
+    return mean, ci_low, ci_high
 
 
 def head_table(probe: str, metric: str, layers: Sequence[int], heads: Sequence[int],

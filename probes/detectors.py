@@ -44,6 +44,7 @@ class Detectors(Probe):
 
     name: ClassVar[str] = "detectors"
     metrics: ClassVar[tuple[str, ...]] = tuple(_ROW_SOURCE)
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {m: (0.0, 1.0) for m in _ROW_SOURCE}  # attention mass
 
     def __init__(self, metrics: Sequence[DetectorName] | None = None, *, layers: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None) -> None:

@@ -61,6 +61,8 @@ class HeadImportance(Probe):
     Attributes (after ``fit``):
         metrics_: the metrics computed.
         per_sample_: metric -> ``[S, L_sel, H_sel]``; mean_, ci_low_, ci_high_: metric -> ``[L_sel, H_sel]``.
+        gradient_raw_: ``[S, n_layers, Hq]`` unnormalised ``|∂L_x/∂ξ_h|`` (with ``gradient``; what a
+            sharded run merges before normalising).
         layers_, heads_: the swept indices. clean_loss_: token-weighted clean loss.
         patching_metric_: the metric used; activation_patching_: ``[L_sel, H_sel]`` real patching
             effect (mean over samples) or None; patching_rank_correlation_: Spearman ρ (NaN when
@@ -91,6 +93,22 @@ class HeadImportance(Probe):
         if self.tokens_per_forward < 1:
             raise InputError(f"tokens_per_forward={self.tokens_per_forward}: give a positive token budget")
 
+    def check_run(self, model, batch) -> None:
+        """What ``fit`` would refuse only after its sweep, checked before any forward: a causal
+        model, and >= 2 samples for ``ablation_resample`` and for attribution patching without
+        corrupt prompts (both take each sample's inputs from another sample)."""
+        self.check_params()
+        metrics = self.check_metrics(self.metrics)
+        if not model.causal:
+            raise InputError(f"{model.name} is an encoder: head importance uses the next-token loss of a causal LM")
+        if "ablation_resample" in metrics and len(batch) < 2:
+            raise InputError("ablation_resample takes each sample's head outputs from another sample: give >= 2 "
+                             "samples, or leave ablation_resample out of metrics")
+        has_corrupt = all("corrupt_prompt" in m for m in batch.meta) if batch.meta else False
+        if "attribution_patching" in metrics and not has_corrupt and len(batch) < 2:
+            raise InputError("attribution patching without corrupt prompts resamples the batch: give >= 2 samples "
+                             "(a dataset, e.g. ioi), or leave attribution_patching out of metrics")
+
     def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
             batch: TokenBatch | None = None) -> "HeadImportance":
         """Scores of the ``layers``/``heads`` sweep on ``batch`` (``capture`` is not used)."""
@@ -100,6 +118,9 @@ class HeadImportance(Probe):
         if not model.causal:
             raise InputError(f"{model.name} is an encoder: head importance uses the next-token loss of a causal LM")
         layers, heads = model.check_heads(self.layers, self.heads)
+        if "ablation_resample" in self.metrics_ and len(batch) < 2:  # one sample would resample itself
+            raise InputError("ablation_resample takes each sample's head outputs from another sample: give >= 2 "
+                             "samples, or leave ablation_resample out of metrics")
         valid = next_token_valid(batch)
         if not valid.any():
             raise InputError("importance needs at least one sequence of 2 or more tokens")
@@ -118,8 +139,8 @@ class HeadImportance(Probe):
                                           tokens_per_forward=self.tokens_per_forward, layer_inputs=inputs)
                 self.per_sample_[metric] = (ablated - clean[None]).T.reshape(len(batch), len(layers), len(heads))
             elif metric == "gradient":
-                self.per_sample_[metric] = _select(gradient_importance(model, batch, self.tokens_per_forward),
-                                                   layers, heads)
+                self.gradient_raw_ = gradient_raw(model, batch, self.tokens_per_forward)
+                self.per_sample_[metric] = _select(normalise_gradient(self.gradient_raw_), layers, heads)
         self.activation_patching_, self.patching_rank_correlation_ = None, float("nan")
         if "attribution_patching" in self.metrics_:
             self._fit_patching(model, batch, z_clean, masks)
@@ -191,7 +212,19 @@ def _ablation_sources(kind: str, z_clean: dict[int, torch.Tensor], batch: TokenB
 
 
 def gradient_importance(model: HookedModel, batch: TokenBatch, tokens_per_forward: int = 2048) -> torch.Tensor:
-    """Per-sample ``|∂L_x/∂ξ_h|`` scaled by the per-layer L2 norm of its mean, ``[S, n_layers, Hq]``.
+    """Per-sample ``|∂L_x/∂ξ_h|`` scaled by the per-layer L2 norm of its mean, ``[S, n_layers, Hq]``."""
+    return normalise_gradient(gradient_raw(model, batch, tokens_per_forward))
+
+
+def normalise_gradient(values: torch.Tensor) -> torch.Tensor:
+    """``[S, L, H]`` raw ``|∂L_x/∂ξ_h|`` divided by the L2 norm over the layer's heads of the mean
+    over samples (0 where that norm is 0); a merged run divides its merged mean the same way."""
+    norm = torch.linalg.vector_norm(values.nanmean(0), dim=-1, keepdim=True)  # [L, 1]
+    return torch.where(norm > 0, values / norm.clamp_min(1e-30), torch.zeros_like(values))
+
+
+def gradient_raw(model: HookedModel, batch: TokenBatch, tokens_per_forward: int = 2048) -> torch.Tensor:
+    """Per-sample ``|∂L_x/∂ξ_h|`` ``[S, n_layers, Hq]`` (NaN for a sample without a scored position).
 
     Samples go through in chunks (their losses are independent, so one backward per chunk
     gives every sample's own gradient).
@@ -207,9 +240,7 @@ def gradient_importance(model: HookedModel, batch: TokenBatch, tokens_per_forwar
         losses = per_sample_ce(logits[None], part.tokens, next_token_valid(part))[0]
         (grad,) = torch.autograd.grad(losses.nan_to_num().sum(), xi)
         per_sample.append(torch.where(losses.isnan()[:, None, None].to(grad.device), float("nan"), grad.abs()).cpu())
-    values = torch.cat(per_sample)
-    norm = torch.linalg.vector_norm(values.nanmean(0), dim=-1, keepdim=True)  # [L, 1]
-    return torch.where(norm > 0, values / norm.clamp_min(1e-30), torch.zeros_like(values))
+    return torch.cat(per_sample)
 
 
 def _patching_setup(model: HookedModel, batch: TokenBatch, choice: str):

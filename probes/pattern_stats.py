@@ -34,6 +34,10 @@ class PatternStats(Probe):
 
     name: ClassVar[str] = "stats"
     metrics: ClassVar[tuple[str, ...]] = STAT_NAMES
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {
+        **{m: (0.0, 1.0) for m in ("entropy_normalized", "max_weight", "first1_mass", "first4_mass",
+                                   "prev_token_mass", "self_mass", "local_mass")},
+        "entropy": (0.0, float("inf")), "mean_distance": (0.0, float("inf"))}
 
     def __init__(self, metrics: Sequence[StatName] | None = None, *, layers: Sequence[int] | None = None,
                  heads: Sequence[int] | None = None) -> None:

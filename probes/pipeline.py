@@ -49,6 +49,8 @@ class AnalysisResult:
         layers, heads: the selection.
         timings: seconds per stage.
         notes: probe -> why it was skipped (``on_error="note"``).
+        engine: how it ran: ``{"engine": "local"}``, or the Ray engine's facts (workers, shards,
+            Ray version; :mod:`probes.engine_ray`).
     """
 
     table: pd.DataFrame
@@ -60,6 +62,7 @@ class AnalysisResult:
     heads: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    engine: dict = field(default_factory=lambda: {"engine": "local"})
 
 
 def build_probes(probes: str | Sequence[str | Probe], metrics: str | Sequence[str] | None = None, *,
@@ -90,13 +93,21 @@ def build_probes(probes: str | Sequence[str | Probe], metrics: str | Sequence[st
     return built
 
 
+def _long_context_request(probes: Sequence[Probe]):
+    """The long-context rows the capture must record for ``probes`` (their ``long_context_request()``), or None."""
+    from workbench.long_context import merge_settings
+
+    requests = [p.long_context_request() for p in probes if hasattr(p, "long_context_request")]
+    return merge_settings([r for r in requests if r is not None])
+
+
 def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Sequence[str | Probe] = "stats,detectors",
             metrics: str | Sequence[str] | None = None, mode: str = "auto", layers: Sequence[int] | None = None,
             heads: Sequence[int] | None = None, interventions=None, batch_size: int = 8, local_window: int = 8,
             keep_patterns: bool = False, keep_qk: bool = False,
             progress: bool | Callable[[float, str], None] | Progress = True,
             cancel: Callable[[], bool] | None = None, on_error: str = "raise",
-            patterns_max_tokens: int | None = None) -> AnalysisResult:
+            patterns_max_tokens: int | None = None, engine="local") -> AnalysisResult:
     """Score every selected head with ``probes`` on ``inputs`` (see the module docstring).
 
     Args:
@@ -115,7 +126,18 @@ def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Se
         cancel: returns True once the work should stop (:class:`workbench.progress.Cancelled` is raised).
         on_error: ``"raise"``, or ``"note"`` to skip a probe whose fit raises a
             :class:`workbench.errors.WorkbenchError` and keep its one-line reason in ``notes``.
+        engine: ``"local"`` (this process), or ``"ray"`` / a :class:`probes.engine_ray.RayEngine`:
+            the same pipeline over dataset shards on Ray workers, merged to the same table
+            (``capture`` is then None; ``model`` may be a name; see :mod:`probes.engine_ray`).
     """
+    if engine != "local":
+        from probes.engine_ray import as_engine
+
+        return as_engine(engine).analyze(
+            model, inputs, probes=probes, metrics=metrics, mode=mode, layers=layers, heads=heads,
+            interventions=interventions, batch_size=batch_size, local_window=local_window,
+            keep_patterns=keep_patterns, keep_qk=keep_qk, progress=progress, cancel=cancel, on_error=on_error,
+            patterns_max_tokens=patterns_max_tokens)
     from workbench.interventions import as_intervention_set
     from workbench.model import HookedModel, load_model
 
@@ -125,16 +147,22 @@ def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Se
     batch = as_batch(model, inputs)
     spec = as_intervention_set(interventions)
     spec.validate(model, batch)
-    for probe in built.values():
-        probe.check_run(model, batch)
+    if on_error not in ("raise", "note"):
+        raise InputError(f"on_error='{on_error}': use 'raise' or 'note'")
+    notes: dict[str, str] = {}
+    for name, probe in list(built.items()):  # every probe's cheap checks before any forward
+        try:
+            probe.check_run(model, batch)
+        except WorkbenchError as err:
+            if on_error != "note":
+                raise
+            notes[name] = str(err)
+            del built[name]
     tracker = progress if isinstance(progress, Progress) else \
         Progress(progress if callable(progress) else None, bar=progress is True)
     if cancel is not None:
         tracker.cancel = cancel
-    if on_error not in ("raise", "note"):
-        raise InputError(f"on_error='{on_error}': use 'raise' or 'note'")
     timings: dict[str, float] = {}
-    notes: dict[str, str] = {}
     cap = None
     chosen_mode = None
     needs_capture = [p for p in built.values() if p.needs_capture]
@@ -146,7 +174,8 @@ def analyze(model, inputs: TokenBatch | Sequence[str] | str, *, probes: str | Se
             start = time.perf_counter()
             cap = capture(model, batch, layers=layers, heads=heads, mode=chosen_mode, keep_patterns=keep_patterns,
                           keep_qk=keep_qk, batch_size=batch_size, local_window=local_window, interventions=spec,
-                          progress=tracker, detectors=any(p.name == "detectors" for p in needs_capture))
+                          progress=tracker, detectors=any(p.name == "detectors" for p in needs_capture),
+                          long_context=_long_context_request(needs_capture))
             timings["capture_s"] = time.perf_counter() - start
         done = 1 if needs_capture else 0
         for name, probe in built.items():

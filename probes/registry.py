@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from probes.attribution import LogitAttribution
 from probes.base import Probe
 from probes.detectors import Detectors
 from probes.hess import HeSS
 from probes.importance import HeadImportance
 from probes.pattern_stats import PatternStats
+from probes.retrieval import Retrieval
 from probes.sinks import Sinks
+from probes.sparsity_profile import SparsityProfile
 from probes.vhd import VHD
 from workbench.errors import InputError
 
@@ -18,6 +21,9 @@ PROBES: dict[str, type[Probe]] = {
     Sinks.name: Sinks,
     VHD.name: VHD,
     HeSS.name: HeSS,
+    LogitAttribution.name: LogitAttribution,
+    Retrieval.name: Retrieval,
+    SparsityProfile.name: SparsityProfile,
 }
 
 

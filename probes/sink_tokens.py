@@ -31,6 +31,7 @@ import torch
 
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
+from workbench.progress import Estimate
 from workbench.model import bind_hook, hook_name, HookedModel
 
 
@@ -100,10 +101,13 @@ def scan_residuals(model: HookedModel, batch: TokenBatch, *, tau_dim: float = 20
     rms = torch.zeros(B, n_layers, N)
     value_norm = torch.zeros(B, n_layers, model.n_kv_heads, N)
     start = 0
-    for chunk in batch.chunks(batch_size):
+    chunks = batch.chunks(batch_size)
+    eta = Estimate(n_layers * len(chunks), "layers scanned")  # sub-progress + a cancel check per layer
+    for chunk in chunks:
         rows, width = slice(start, start + len(chunk)), chunk.tokens.shape[1]
 
         def resid(x, hook, *, layer: int, rows=rows, width=width):
+            eta.advance()
             x32 = x.detach().float()
             r = massive_ratio(x32)
             values, dims = r.topk(k, dim=-1)

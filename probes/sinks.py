@@ -65,6 +65,7 @@ class Sinks(Probe):
 
     name: ClassVar[str] = "sinks"
     metrics: ClassVar[tuple[str, ...]] = ("sink_score", "first4_mass", "noop_score")
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"sink_score": (0.0, 1.0), "first4_mass": (0.0, 1.0)}
 
     def __init__(self, metrics: Sequence[SinkMetric] | None = None, *, tau: float = 20.0, eps: float = 0.3,
                  dim_threshold: float | None = None, min_layer_frac: float = 0.25, min_abs: float = 0.0,

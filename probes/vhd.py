@@ -138,6 +138,7 @@ class VHD(Probe):
 
     name: ClassVar[str] = "vhd"
     metrics: ClassVar[tuple[str, ...]] = ("vhd",)
+    bounds: ClassVar[dict[str, tuple[float, float]]] = {"vhd": (0.0, float("inf"))}  # a norm
     needs_capture: ClassVar[bool] = False
     needs_model: ClassVar[bool] = True
     needs_batch: ClassVar[bool] = True

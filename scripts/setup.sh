@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment with the CPU build of torch and the workbench
-# (editable, with test extras), Debian's chromium + chromedriver for the browser tests, and a C
+# (editable, with the test and distributed (Ray) extras), Debian's chromium + chromedriver for the browser tests, and a C
 # compiler (gcc) for the exact attention pass's fused CPU loop (kernels/csrc; torch ops without it).
 # Idempotent: re-running it only installs what is missing.
 set -euo pipefail
@@ -13,7 +13,7 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 # The CPU wheel of exactly this version is what installs here; a looser range would pull CUDA builds.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,distributed]"
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

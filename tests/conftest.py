@@ -8,6 +8,8 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the session fixtures below keep four models alive; a larger cache avoids reloading them (default 2)
+os.environ.setdefault("WORKBENCH_MODEL_CACHE", "8")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,22 @@ def smollm2():
     from workbench.model import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def ws():
+    """One app workspace (tiny-llama default) per test module, its job threads stopped after."""
+    from app.web.services.workspace import Workspace
+
+    workspace = Workspace(default_model="tiny-llama")
+    yield workspace
+    workspace.jobs.shutdown()
+
+
+@pytest.fixture(scope="module")
+def analysis(ws, tiny_llama):
+    """The app's analysis of app_support.PROMPT on tiny-llama."""
+    from app.web.services import analysis as svc
+    from app_support import PROMPT, run_job
+
+    return ws.analyses.get(run_job(ws, svc.start_analysis(ws, "tiny-llama", PROMPT))["key"])

@@ -5,7 +5,8 @@ half-written result under the final name, and an existing result stays reachable
 until the new one is complete: on Linux the two folders are exchanged in one
 ``renameat2(RENAME_EXCHANGE)`` call; elsewhere the old folder is moved aside to
 ``.old-<name>-<pid>`` for the instant between two renames, and the next write to the same path
-puts it back if the process died there. Leftovers of dead processes are removed by the next write.
+puts it back if the process died there. Leftovers of dead processes (for any name in the same
+folder) are removed by the next write there.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _alive(pid: int) -> bool:
+_RANDOM = r"[a-z0-9_]{8}"  # the random part tempfile.mkdtemp / mkstemp put after the prefix
+
+
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,12 +62,19 @@ def recover(final: Path) -> None:
     final = Path(final)
     if not final.parent.is_dir():
         return
-    pattern = re.compile(rf"^\.(tmp|old)-{re.escape(final.name)}-(\d+)(-.*)?$")
+    # .old-<name>-<pid> and .tmp-<name>-<pid>-<random> (the random part of mkdtemp/mkstemp has no '-')
+    name = re.escape(final.name)
+    pattern = re.compile(rf"^\.(?:(?P<kind>old)-{name}-(?P<pid>\d+)|tmp-{name}-(?P<tmp_pid>\d+)-{_RANDOM})$")
     for sibling in sorted(final.parent.iterdir()):
         match = pattern.match(sibling.name)
-        if match is None or _alive(int(match.group(2))):
+        if match is None or process_alive(int(match.group("pid") or match.group("tmp_pid"))):
             continue
-        if match.group(1) == "old" and not os.path.lexists(final):
+        try:
+            if sibling.lstat().st_uid != os.getuid():  # another user's: never touched
+                continue
+        except FileNotFoundError:
+            continue
+        if match.group("kind") == "old" and not os.path.lexists(final):
             os.replace(sibling, final)  # the last complete result, back at its path
         elif sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
@@ -72,9 +83,29 @@ def recover(final: Path) -> None:
                 sibling.unlink()
 
 
+_LEFTOVER = re.compile(rf"^\.(?:old-(?P<old>.+)-(?P<old_pid>\d+)|tmp-(?P<tmp>.+)-(?P<tmp_pid>\d+)-{_RANDOM})$")
+
+
 def is_leftover(path: Path) -> bool:
     """True for the hidden temporary / moved-aside siblings this module writes."""
     return Path(path).name.startswith((".tmp-", ".old-"))
+
+
+def recover_all(folder: Path) -> None:
+    """:func:`recover` every result in ``folder`` that has a leftover of a dead process beside it:
+    moved-aside results go back to their paths, temporary folders and files are removed."""
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # missing or unreadable: nothing of ours to clean
+        return
+    names = set()
+    for entry in entries:
+        match = _LEFTOVER.match(entry.name)
+        if match is not None:
+            names.add(match.group("old") or match.group("tmp"))
+    for name in sorted(names):
+        recover(folder / name)
 
 
 @contextlib.contextmanager
@@ -82,9 +113,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``final`` only when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    recover(final)
+    recover_all(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o755)
+    backup = None
     try:
         yield tmp
         if not os.path.lexists(final):
@@ -97,6 +129,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
             shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
+        if backup is not None and os.path.lexists(backup) and not os.path.lexists(final):
+            os.replace(backup, final)  # interrupted between the two renames: the old result goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -25,6 +25,39 @@ class TokenBatch:
         if not self.meta:
             self.meta = [{} for _ in range(self.tokens.shape[0])]
 
+    def check(self, vocab_size: int | None = None) -> "TokenBatch":
+        """Raise :class:`workbench.errors.InputError` (one line) unless this is a usable batch:
+        ``[B, N]`` integer tokens with ``B >= 1``, a bool mask of the same shape whose real tokens
+        are a non-empty prefix of every row, and (given ``vocab_size``) ids in ``[0, vocab_size)``.
+        Returns the batch."""
+        from workbench.errors import InputError
+
+        tokens, mask = self.tokens, self.mask
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
+                or tokens.dtype == torch.bool:
+            raise InputError("TokenBatch.tokens must be a [batch, positions] integer tensor: build batches with "
+                             "model.tokenize(prompts)")
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise InputError(f"empty TokenBatch (shape {list(tokens.shape)}): give at least one sequence of one token")
+        if not isinstance(mask, torch.Tensor) or mask.shape != tokens.shape:
+            raise InputError(f"TokenBatch.mask must have the tokens' shape {list(tokens.shape)}: build batches with "
+                             "model.tokenize(prompts)")
+        mask = mask.bool()
+        empty = (~mask[:, 0]).nonzero()
+        if len(empty):
+            raise InputError(f"row {int(empty[0])} of the batch has no real token at position 0 (all padding, or left "
+                             "padding): drop the row; real tokens come first, padding after")
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise InputError("the batch mask has a gap (a real token after padding): pad on the right only")
+        if vocab_size is not None:
+            real = tokens[mask]
+            low, high = int(real.min()), int(real.max())
+            if low < 0 or high >= vocab_size:
+                bad = low if low < 0 else high
+                raise InputError(f"token id {bad} is outside the model's vocabulary [0, {vocab_size}): the tokenizer "
+                                 "does not belong to this model, or the ids were built by hand")
+        return self
+
     @property
     def lengths(self) -> torch.Tensor:
         """``[B]`` number of real tokens per sample."""

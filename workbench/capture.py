@@ -52,7 +52,7 @@ def as_batch(model: HookedModel, inputs: TokenBatch | Sequence[str] | str, max_t
     if isinstance(inputs, TokenBatch):
         if len(inputs) == 0:
             raise InputError("empty dataset: it has no sequences")
-        return inputs
+        return inputs.check(getattr(model.bridge.cfg, "d_vocab", None))
     if not isinstance(inputs, (str, list, tuple)):
         raise InputError(f"inputs must be a TokenBatch, a prompt or a list of prompts, got {type(inputs).__name__}")
     return model.tokenize([inputs] if isinstance(inputs, str) else list(inputs), max_tokens=max_tokens)
@@ -63,7 +63,7 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
             mode: Literal["patterns", "stats", "auto"] = "patterns", keep_patterns: bool = False,
             keep_qk: bool = False, batch_size: int = 8, local_window: int = 8, fwd_hooks: Sequence[Hook] = (),
             interventions=None, progress: bool | Callable | Progress = True, max_tokens: int | None = None,
-            detectors: bool = True) -> Capture:
+            detectors: bool = True, long_context=None) -> Capture:
     """Run ``inputs`` through ``model`` once and record per-head attention facts.
 
     Args:
@@ -83,6 +83,8 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
             (:class:`workbench.progress.Progress`, which also carries a cancel check).
         detectors: also record the detector rows ``induction_mass`` / ``duplicate_mass``
             (docs/metrics.md §2); ``False`` skips them (about 8% of a long stats capture).
+        long_context: a :class:`workbench.long_context.LongContextSettings` to also record the
+            arg-max key, streaming mass and block-sparsity rows (``Capture.extras["lc.*"]``), or None.
     """
     from workbench.interventions import as_intervention_set
     from workbench.model import load_model
@@ -96,15 +98,19 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
     spec = as_intervention_set(interventions)
     edits = spec.compile(model, batch)
     tracker = as_progress(progress, desc=f"capture ({mode} mode, {batch.tokens.shape[1]} tokens)", total=len(batch))
+    extra = _long_context_recorder(model, batch, layers, heads, long_context, edits)
     if mode == "stats":
         from workbench.capture_stats import capture_stats
 
         cap = capture_stats(model, batch, layers=layers, heads=heads, keep_qk=keep_qk, batch_size=batch_size,
                             local_window=local_window, fwd_hooks=fwd_hooks, edits=edits, progress=tracker,
-                            detectors=detectors)
+                            detectors=detectors, recorders=extra)
     else:
         cap = _capture_patterns(model, batch, layers, heads, keep_patterns, batch_size, local_window, fwd_hooks,
-                                edits, tracker, detectors)
+                                edits, tracker, detectors, extra)
+    for recorder in extra:
+        cap.extras.update(recorder.extras())
+        cap.info["long_context"] = recorder.settings.as_dict()
     if len(spec):
         cap.info["interventions"] = spec.text
     if edits is not None and edits.pattern:
@@ -113,9 +119,22 @@ def capture(model, inputs: TokenBatch | Sequence[str] | str, *,
     return cap
 
 
+def _long_context_recorder(model: HookedModel, batch: TokenBatch, layers: list[int], heads: list[int],
+                           settings, edits) -> list:
+    """``[LongContextRecorder]`` when ``settings`` asks for the long-context rows, else ``[]``."""
+    if settings is None:
+        return []
+    from workbench.long_context import LongContextRecorder
+
+    if edits is not None and edits.has_pattern_edits:
+        raise InputError("the long-context rows (retrieval, sparsity) describe unedited attention: drop the "
+                         "pattern-level interventions (softpag, redistribute) or run those probes separately")
+    return [LongContextRecorder(model, len(batch), batch.tokens.shape[1], layers, heads, settings)]
+
+
 def _capture_patterns(model: HookedModel, batch: TokenBatch, layers: list[int], heads: list[int],
                       keep_patterns: bool, batch_size: int, local_window: int, fwd_hooks: Sequence[Hook],
-                      edits, tracker: Progress, detectors: bool) -> Capture:
+                      edits, tracker: Progress, detectors: bool, recorders: Sequence = ()) -> Capture:
     """Patterns mode: a TransformerLens hook on each captured layer's ``hook_pattern``."""
     B, N = batch.tokens.shape
     L, H = len(layers), len(heads)
@@ -148,7 +167,10 @@ def _capture_patterns(model: HookedModel, batch: TokenBatch, layers: list[int], 
         hooks = list(fwd_hooks) + [
             (hook_name(layer, "pattern"), bind_hook(record, li=li, layer=layer)) for li, layer in enumerate(layers)
         ]
-        run(model, chunk, backend="eager", edits=edits, fwd_hooks=hooks, stop_after_layer=max(layers))
+        for recorder in recorders:
+            recorder.start(chunk, start)
+        run(model, chunk, backend="eager", edits=edits, fwd_hooks=hooks, recorders=recorders,
+            stop_after_layer=max(layers))
         start += len(chunk)
         tracker.advance(len(chunk))
     tracker.close()

@@ -2,8 +2,8 @@
 
 The one forward (:func:`workbench.forward.run`) runs with the ``"stats"`` attention backend:
 every attention call goes through :func:`kernels.attention_with_stats` with ``received=True``
-(output, LSE, per-row statistics and received mass; on the CPU: PyTorch's fused SDPA kernel for
-out + LSE, then one exact pass; heads with pattern-level interventions recomputed exactly in
+(output, LSE, per-row statistics and received mass; on the CPU: the ``row_pass`` kernel, one
+``QKᵀ``, one compiled softmax-and-statistics loop and ``e @ V`` per block of whole rows; heads with pattern-level interventions recomputed exactly in
 row blocks, :mod:`workbench.head_edits`) and a recorder keeps, for the selected layers and heads only:
 
 - the docs/metrics.md §1 row statistics from ``AttentionStats.stats`` (``[B, L, H, N]``, 0 on padding);
@@ -152,7 +152,7 @@ class StatsRecorder:
 def capture_stats(model, batch: TokenBatch, *, layers: Sequence[int], heads: Sequence[int],
                   keep_qk: bool = False, batch_size: int = 8, local_window: int = 8,
                   fwd_hooks: Sequence[Hook] = (), edits=None, progress: Progress | None = None,
-                  detectors: bool = True) -> Capture:
+                  detectors: bool = True, recorders: Sequence = ()) -> Capture:
     """Stats-mode capture of ``batch`` (see the module docstring); same fields as patterns mode.
 
     Args:
@@ -166,6 +166,8 @@ def capture_stats(model, batch: TokenBatch, *, layers: Sequence[int], heads: Seq
         edits: compiled interventions (:class:`workbench.head_edits.HeadEdits`) or None.
         progress: progress and cancellation (checked after every layer).
         detectors: gather the detector rows (``induction_mass`` / ``duplicate_mass``).
+        recorders: more recorders fed the same attention results (each has ``start(chunk, first_row)``,
+            e.g. :class:`workbench.long_context.LongContextRecorder`).
     """
     B, N = batch.tokens.shape
     recorder = StatsRecorder(model, B, N, layers, heads, keep_qk, detectors, edits)
@@ -173,7 +175,9 @@ def capture_stats(model, batch: TokenBatch, *, layers: Sequence[int], heads: Seq
     start = 0
     for chunk in batch.chunks(batch_size):
         recorder.start(chunk, start)
-        run(model, chunk, backend="stats", edits=edits, fwd_hooks=fwd_hooks, recorders=[recorder],
+        for extra in recorders:
+            extra.start(chunk, start)
+        run(model, chunk, backend="stats", edits=edits, fwd_hooks=fwd_hooks, recorders=[recorder, *recorders],
             stop_after_layer=max(layers), local_window=local_window)
         start += len(chunk)
         if progress is not None:

@@ -23,6 +23,7 @@ BUNDLED = {
     "factual": "factual.jsonl",
     "ioi": "ioi.jsonl",
     "context_qa": "context_qa.jsonl",
+    "needle": "calibration.txt",  # haystack of the generated needle set (workbench.needle)
 }
 QA_TEMPLATE = "{context}\n\nQuestion: {question}\nAnswer:"
 QA_NO_CONTEXT = "Question: {question}\nAnswer:"
@@ -53,7 +54,27 @@ def dataset_source(name_or_path: str) -> tuple[Path, str]:
                          "or the path of a .txt/.jsonl file")
     if path.suffix not in (".txt", ".jsonl"):
         raise InputError(f"dataset file {path} must end in .txt or .jsonl")
+    _check_utf8(path)
     return path, path.name
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text (a binary file), read in 1 MiB chunks."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                decoder.decode(chunk)
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise InputError(f"dataset file {path} is not UTF-8 text (byte {offset + err.start} cannot be decoded): "
+                         "give a .txt/.jsonl text file saved as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"cannot read dataset file {path} ({err.strerror}): check the path and its permissions") from None
 
 
 def load_dataset(name_or_path: str, model: HookedModel, *, n: int | None = None,
@@ -64,8 +85,9 @@ def load_dataset(name_or_path: str, model: HookedModel, *, n: int | None = None,
         name_or_path: a name from :func:`list_datasets` or a file path.
         n: keep at most this many sequences.
         seq_len: token length: text is packed into windows of this length (``.txt``,
-            calibration) or truncated (prompts); for ``induction`` the total length.
-        seed: overrides the induction spec's seed.
+            calibration) or truncated (prompts); for ``induction`` and ``needle`` the total length
+            (``needle``: prompt + appended answer, default 1024; a needle ``.jsonl`` is an upper bound).
+        seed: overrides the induction spec's seed (``needle``: the random keys and values).
 
     Raises:
         InputError: unknown name, missing/empty file, malformed line, bad ``n``/``seq_len``.
@@ -75,7 +97,13 @@ def load_dataset(name_or_path: str, model: HookedModel, *, n: int | None = None,
     if seq_len is not None and not 2 <= seq_len <= model.n_ctx:
         raise InputError(f"--seq-len {seq_len} must be between 2 and the model context ({model.n_ctx})")
     path, name = dataset_source(name_or_path)
-    if path.suffix == ".json":
+    from workbench import needle
+
+    if name_or_path == "needle":
+        batch = needle.generate_needles(model, path, n=n, seq_len=seq_len, seed=seed)
+    elif path.suffix == ".jsonl" and needle.is_needle_jsonl(path):
+        batch = needle.needle_jsonl(path, model, seq_len=seq_len)
+    elif path.suffix == ".json":
         batch = _repeated_random(json.loads(path.read_text()), model, seq_len, seed)
     elif path.suffix == ".txt":
         batch = _text_file(path, model, seq_len)
@@ -154,6 +182,10 @@ def _jsonl_file(path: Path, model: HookedModel, seq_len: int | None) -> TokenBat
         raise InputError(f"empty dataset: {path} has no items")
     prompts, meta = [], []
     for number, item in enumerate(items, start=1):
+        for key in _TEXT_FIELDS:
+            if key in item and not isinstance(item[key], str):
+                raise InputError(f"{path} item {number}: field '{key}' must be a string, got "
+                                 f"{type(item[key]).__name__}: quote it")
         if "context" in item and "question" in item:
             text = QA_TEMPLATE.format(**item)
             item = dict(item, no_context_prompt=QA_NO_CONTEXT.format(**item),
@@ -171,9 +203,12 @@ def _jsonl_file(path: Path, model: HookedModel, seq_len: int | None) -> TokenBat
     return model.batch_from_ids(sequences, meta)
 
 
+_TEXT_FIELDS = ("prompt", "text", "context", "question", "answer", "distractor", "corrupt_prompt")
+
+
 def _encode_truncated(model: HookedModel, text: str, seq_len: int | None) -> torch.Tensor:
-    ids = model.encode(text, max_tokens=None if seq_len is None else model.n_ctx)
-    return ids[:seq_len] if seq_len is not None else ids
+    """Ids of one prompt, cut to its first ``seq_len`` tokens when given (else refused past the context)."""
+    return model.encode(text, max_tokens=seq_len, truncate=seq_len is not None)
 
 
 def char_span_to_tokens(model: HookedModel, text: str, start: int, end: int) -> tuple[int, int]:

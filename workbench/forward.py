@@ -115,6 +115,7 @@ def run(model, batch: TokenBatch, *, backend: str | Callable | None = None, edit
     if backend is None:
         backend = default_backend(fwd_hooks, bwd_hooks)
     check_hooks(backend, list(fwd_hooks) + list(bwd_hooks))
+    batch.check(getattr(model.bridge.cfg, "d_vocab", None))
     device = model.device
     tokens, mask = batch.tokens.to(device), batch.mask.to(device)
     try:

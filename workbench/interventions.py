@@ -16,6 +16,7 @@ a loss, a gradient or a generated token sees the same edits whatever the attenti
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +45,17 @@ class HeadIntervention:
     rho: float = 0.5
     span: tuple[int, int] | None = None
     sink_positions: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        name = f"L{self.layer}H{self.head}"
+        for field in ("layer", "head"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputError(f"HeadIntervention {field}={value!r} must be an integer index")
+        for field in ("alpha", "u", "keep", "rho"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+                raise InputError(f"{name}: {field}={value!r} is not a number: give e.g. {field}=0.5")
 
     @property
     def label(self) -> str:
@@ -228,6 +240,9 @@ def as_intervention_set(interventions) -> InterventionSet:
 
 _ITEM = re.compile(r"^L(\d+)H(\d+):([a-z]+)(?:=([^;]+))?((?:;[a-z_]+=[^;]+)*)$")
 _MAIN = {"scale": "alpha", "softpag": "u", "redistribute": "keep"}
+_OPTIONS = {"zero": (), "mean": (), "resample": (), "scale": ("alpha",), "softpag": ("u",),
+            "redistribute": ("keep", "rho", "span", "sinks")}
+_ALL_OPTIONS = ("alpha", "u", "keep", "rho", "span", "sinks")
 
 
 def parse_interventions(text: str, *, reference: TokenBatch | None = None) -> InterventionSet:
@@ -247,13 +262,21 @@ def parse_interventions(text: str, *, reference: TokenBatch | None = None) -> In
         if kind not in KINDS:
             raise InputError(f"'{part}': unknown intervention '{kind}': use one of {', '.join(KINDS)}")
         fields: dict = {}
+        allowed = _OPTIONS[kind]
         try:
             if value is not None:
                 if kind not in _MAIN:
                     raise InputError(f"'{part}': {kind} takes no value: write L{layer}H{head}:{kind}")
                 fields[_MAIN[kind]] = float(value)
+            elif kind == "scale":  # alpha = 1 would be a silent no-op
+                raise InputError(f"'{part}': scale needs its factor: write L{layer}H{head}:scale=2")
             for option in filter(None, (options or "").split(";")):
                 key, raw = option.split("=", 1)
+                if key not in allowed and key in _ALL_OPTIONS:
+                    takes = f"takes only {', '.join(allowed)}" if allowed else "takes no options"
+                    raise InputError(f"'{part}': {kind} {takes}, not '{key}'")
+                if key in fields or (key == "sinks" and "sink_positions" in fields):
+                    raise InputError(f"'{part}': {key} is given twice: give each value once")
                 if key in ("alpha", "u", "keep", "rho"):
                     fields[key] = float(raw)
                 elif key == "span":

@@ -2,21 +2,59 @@
 
 from __future__ import annotations
 
+import gc
+import math
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from workbench.batch import TokenBatch, pad_sequences
-from workbench.errors import InputError
+from workbench.errors import InputError, check_int
 from workbench.pull import pull_model, verify_folder
 from workbench.registry import DEFAULT_MODEL, ModelSpec, resolve_spec
 
 Hook = tuple[str, Callable]
 
-_LOADED: dict[tuple[str, str, str], "HookedModel"] = {}
+_LOADED: OrderedDict[tuple[str, str, str], "HookedModel"] = OrderedDict()  # least recently used first
 _LOAD_LOCK = threading.Lock()
+_CACHE_SIZE: int | None = None
+
+
+def model_cache_size() -> int:
+    """How many models :func:`load_model` keeps loaded (least recently used dropped first):
+    :func:`set_model_cache_size`, else ``$WORKBENCH_MODEL_CACHE``, else 2."""
+    if _CACHE_SIZE is not None:
+        return _CACHE_SIZE
+    text = os.environ.get("WORKBENCH_MODEL_CACHE", "2")
+    try:
+        return max(1, int(text))
+    except ValueError:
+        raise InputError(f"WORKBENCH_MODEL_CACHE={text!r} must be a positive integer") from None
+
+
+def set_model_cache_size(size: int | None) -> None:
+    """Keep at most ``size`` models loaded (None: back to ``$WORKBENCH_MODEL_CACHE`` / 2)."""
+    global _CACHE_SIZE
+    if size is not None:
+        check_int("model cache size", size)
+    _CACHE_SIZE = size
+    with _LOAD_LOCK:
+        _evict()
+
+
+def _evict() -> None:
+    """Drop the least recently used loaded models beyond the cache size (caller holds the lock).
+    Models wrapped from memory are the caller's own and never dropped."""
+    from_disk = [key for key in _LOADED if not key[0].startswith("in-memory:")]
+    dropped = from_disk[:max(0, len(from_disk) - model_cache_size())]
+    for key in dropped:
+        del _LOADED[key]
+    if dropped:
+        gc.collect()  # bridges hold reference cycles: free their weights now
 
 
 def bind_hook(fn: Callable, **kwargs) -> Callable:
@@ -90,8 +128,12 @@ class HookedModel:
                 f"{'causal' if self.causal else 'bidirectional'})")
 
     # ---------------------------------------------------------------- tokens
-    def encode(self, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
+    def encode(self, text: str, *, max_tokens: int | None = None, truncate: bool = False) -> torch.Tensor:
         """Token ids ``[n]`` of one prompt (with BOS/CLS as the model expects).
+
+        Args:
+            max_tokens: the limit (default and at most the model context).
+            truncate: keep the first ``max_tokens`` ids of a longer prompt instead of refusing it.
 
         Raises:
             InputError: empty prompt, or longer than ``max_tokens`` / the model context.
@@ -100,6 +142,8 @@ class HookedModel:
             raise InputError("empty prompt: give at least one non-whitespace character")
         ids = self.bridge.to_tokens(text, truncate=False)[0].cpu()
         limit = min(max_tokens or self.n_ctx, self.n_ctx)
+        if truncate:
+            return ids[:limit]
         if ids.numel() > limit:
             raise InputError(
                 f"prompt is {ids.numel()} tokens, longer than the limit of {limit} "
@@ -200,7 +244,8 @@ def load_model(name_or_path=DEFAULT_MODEL, *, device: str | torch.device = "cpu"
     :class:`HookedModel`, returned as is).
 
     Loaded models are kept per process (keyed by resolved folder, device and dtype), so the app
-    and repeated notebook calls load once.
+    and repeated notebook calls load once; at most :func:`model_cache_size` of them (default 2,
+    least recently used dropped first).
 
     Raises:
         InputError: unknown device / dtype, or CUDA asked of a torch without it.
@@ -221,15 +266,20 @@ def load_model(name_or_path=DEFAULT_MODEL, *, device: str | torch.device = "cpu"
     key = (spec.name if isinstance(spec, ModelSpec) else str(spec), str(device), str(dtype))
     with _LOAD_LOCK:
         if key in _LOADED:
+            _LOADED.move_to_end(key)
             return _LOADED[key]
         if isinstance(spec, ModelSpec):
             folder, causal = pull_model(spec, from_file=from_file), spec.causal
         else:
             verify_folder(spec)
             folder, causal = spec, _is_causal_folder(spec)
+        _check_tokenizer_files(folder)
         bridge = _boot(folder, str(device), dtype)
+        check_weights(bridge.original_model, folder)
+        check_tokenizer(bridge, folder)
         model = HookedModel(str(name_or_path), folder, bridge, causal)
         _LOADED[key] = model
+        _evict()
         return model
 
 
@@ -286,6 +336,53 @@ def _is_causal_folder(folder: Path) -> bool:
 
     config = json.loads((folder / "config.json").read_text())
     return config.get("model_type") not in _ENCODER_TYPES
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """A folder without tokenizer files would tokenize through a fallback (every token unknown)."""
+    from workbench.errors import CorruptModelError
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise CorruptModelError(f"model folder {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, "
+                                "...): copy the tokenizer of the model into the folder")
+
+
+def check_tokenizer(bridge, folder: Path) -> None:
+    """Refuse a tokenizer that maps plain text to unknown tokens only, or whose ids do not fit
+    the model's embedding (``len(tokenizer) > d_vocab``)."""
+    from workbench.errors import CorruptModelError
+
+    tok = bridge.tokenizer
+    ids = tok("The cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and ids and all(i == tok.unk_token_id for i in ids):
+        raise CorruptModelError(f"the tokenizer in {folder} maps plain text to the unknown token only: "
+                                "copy the model's own tokenizer files into the folder")
+    d_vocab = getattr(bridge.cfg, "d_vocab", None)
+    if d_vocab and len(tok) > d_vocab:
+        raise CorruptModelError(f"the tokenizer in {folder} has {len(tok)} tokens but the model embeds only {d_vocab}: "
+                                "use the tokenizer that belongs to these weights")
+
+
+def check_weights(module: torch.nn.Module, folder: Path) -> None:
+    """Refuse NaN/inf weights and all-zero weight matrices (an empty or zeroed checkpoint would
+    otherwise be scored like a trained model). One pass over the parameters."""
+    from workbench.errors import CorruptModelError
+
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.is_meta:
+                continue
+            name = name.replace("._original_component", "")
+            norm = float(torch.linalg.vector_norm(param))  # one pass: NaN/inf if any value is, 0 iff all zero
+            if not math.isfinite(norm) and not bool(torch.isfinite(param).all()):
+                raise CorruptModelError(f"weight {name} in {folder} holds NaN/inf values: the checkpoint is corrupt; "
+                                        "re-download or re-convert it")
+            if param.dim() >= 2 and norm == 0.0:
+                raise CorruptModelError(f"weight {name} in {folder} is all zeros: the checkpoint is empty or "
+                                        "was not saved; re-download or re-convert it")
 
 
 def _boot(folder: Path, device: str, dtype: torch.dtype):

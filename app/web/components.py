@@ -33,12 +33,26 @@ def job_panel(ids: JobIds) -> html.Div:
     ], className="job-panel")
 
 
-def field(label: str, control, hint: str | None = None) -> html.Div:
-    """A labelled form control."""
+def field(label: str, control, hint: str | None = None, error_id: str | None = None) -> html.Div:
+    """A labelled form control; ``error_id`` adds the place for its own error, beside it."""
     parts = [html.Label(label, className="field-label"), control]
     if hint:
         parts.append(html.Div(hint, className="hint"))
+    if error_id:
+        parts.append(html.Div(id=error_id, className="field-error", role="alert"))
     return html.Div(parts, className="field")
+
+
+def ok(text: str) -> html.Span:
+    """A success note for a page's message area (not in the error colour)."""
+    return html.Span(text, className="ok")
+
+
+def number_input(component_id: str, value=None, placeholder: str | None = None) -> dcc.Input:
+    """A numeric field as plain text: the server parses it and names a bad value
+    (a browser ``type=number`` field hands an out-of-range or fractional value over as empty)."""
+    return dcc.Input(id=component_id, type="text", inputMode="decimal", value=None if value is None else str(value),
+                     placeholder=placeholder, debounce=True, className="number-input")
 
 
 def table(frame: pd.DataFrame, formats: dict[str, str] | None = None, max_rows: int = 200) -> html.Table:

@@ -49,6 +49,7 @@ PROMPT_MESSAGE = "prompt-message"
 PROMPT_TOKENS = "prompt-tokens"
 PROMPT_SUMMARY = "prompt-summary"
 PROMPT_INIT = "prompt-init"             # Store in the page: fires once when the page renders
+PROMPT_EXAMPLE_ERROR = "prompt-example-error"
 PROMPT_JOB = JobIds.for_page("prompt")
 
 # ---------------------------------------------------------------- page 2: head map
@@ -63,6 +64,8 @@ HEADMAP_COMPUTE = "headmap-compute"
 HEADMAP_PROBE_LIST = "headmap-probe-list"
 HEADMAP_SELECTED = "headmap-selected"
 HEADMAP_REFRESH = "headmap-refresh"   # Store bumped when an on-demand probe finishes
+HEADMAP_SOURCE_N_ERROR = "headmap-source-n-error"
+HEADMAP_LINKS = "headmap-links"
 HEADMAP_JOB = JobIds.for_page("headmap")
 
 # ---------------------------------------------------------------- page 3: pattern viewer
@@ -75,6 +78,12 @@ PATTERN_MESSAGE = "pattern-message"
 PATTERN_INFO = "pattern-info"
 PATTERN_INIT = "pattern-init"
 PATTERN_VIEW = "pattern-view"         # Store: the region shown (for zoom events)
+PATTERN_REGION = "pattern-region"     # Store: the region a zoom asked for ({layer, head, region})
+PATTERN_OPTIONS = "pattern-options"   # Checklist: log scale, hide BOS
+PATTERN_QUERY_ERROR = "pattern-query-error"
+PATTERN_ROW_RANGE = "pattern-row-range"  # Store: the key range a zoom on the row view asked for
+PATTERN_TOPK = "pattern-topk"         # the row's strongest keys
+PATTERN_LINKS = "pattern-links"
 
 # ---------------------------------------------------------------- page 4: head atlas
 ATLAS_DATASET = "atlas-dataset"
@@ -86,6 +95,7 @@ ATLAS_RUN = "atlas-run"
 ATLAS_GRAPH = "atlas-graph"
 ATLAS_MESSAGE = "atlas-message"
 ATLAS_RESULT = "atlas-result"         # Store: key of the finished embedding
+ATLAS_N_ERROR = "atlas-n-error"
 ATLAS_JOB = JobIds.for_page("atlas")
 
 # ---------------------------------------------------------------- page 5: intervene
@@ -107,6 +117,15 @@ INTERVENE_DELTA = "intervene-delta"
 INTERVENE_MESSAGE = "intervene-message"
 INTERVENE_INIT = "intervene-init"
 INTERVENE_RESULT = "intervene-result"  # Store: key of the finished comparison
+INTERVENE_FOLLOWUP = "intervene-followup"  # Store: key of the comparison whose follow-up finished
+INTERVENE_ALPHA_BOX = "intervene-alpha-box"
+INTERVENE_U_BOX = "intervene-u-box"
+INTERVENE_ALPHA_ERROR = "intervene-alpha-error"
+INTERVENE_U_ERROR = "intervene-u-error"
+INTERVENE_TARGET_TEXT = "intervene-target-text"
+INTERVENE_DISTRACTOR = "intervene-distractor"
+INTERVENE_TARGET = "intervene-target"   # the target-token table
+INTERVENE_STALE = "intervene-stale"     # says when the shown results belong to another prompt or list
 INTERVENE_JOB = JobIds.for_page("intervene")
 
 # ---------------------------------------------------------------- page 6: runs
@@ -123,3 +142,38 @@ RUNS_TABLE = "runs-table"
 RUNS_MESSAGE = "runs-message"
 RUNS_INIT = "runs-init"
 RUNS_STATE = "runs-state"             # Store: the opened folder paths
+RUNS_WARNING = "runs-warning"         # the two runs differ in model / dataset / lengths
+RUNS_ROOT = "runs-root"
+
+# ---------------------------------------------------------------- page 7: long context
+LC_LENGTH = "lc-length"
+LC_DEPTHS = "lc-depths"
+LC_RUN = "lc-run"
+LC_GRAPH = "lc-graph"
+LC_MESSAGE = "lc-message"
+LC_RESULT = "lc-result"               # Store: key of the finished long-context run
+LC_HEAD = "lc-head"                   # Store: the clicked [layer, head]
+LC_SAMPLE = "lc-sample"               # which needle sample the head view shows
+LC_THUMB = "lc-thumb"
+LC_ROW = "lc-row"
+LC_JOB = JobIds.for_page("lc")
+
+# ---------------------------------------------------------------- head card (on pages where a head is selected)
+HEADCARD = "headcard"                  # the card's container
+HEADCARD_TARGET = "headcard-target"    # typed target token
+HEADCARD_BODY = "headcard-body"
+
+# ---------------------------------------------------------------- page: activation patching
+PATCH_CLEAN = "patch-clean"
+PATCH_CORRUPT = "patch-corrupt"
+PATCH_ANSWER = "patch-answer"
+PATCH_DISTRACTOR = "patch-distractor"
+PATCH_METRIC = "patch-metric"
+PATCH_EXAMPLE = "patch-example"
+PATCH_RUN = "patch-run"
+PATCH_MESSAGE = "patch-message"
+PATCH_RESULT = "patch-result"          # Store: key of the finished patching result
+PATCH_HEADS_GRAPH = "patch-heads-graph"
+PATCH_RESID_GRAPH = "patch-resid-graph"
+PATCH_SUMMARY = "patch-summary"
+PATCH_JOB = JobIds.for_page("patch")

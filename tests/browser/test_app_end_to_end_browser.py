@@ -19,8 +19,10 @@ def click_heatmap_cell(dash_duo, graph: str, row: int, col: int, n_rows: int, n_
 
 
 def table_rows(dash_duo, selector: str) -> list[list[str]]:
-    rows = dash_duo.find_elements(f"{selector} table tbody tr")
-    return [[td.text for td in row.find_elements("css selector", "td")] for row in rows]
+    # one script: the table re-renders when the streamed follow-up arrives (no stale elements)
+    return dash_duo.driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map("
+        "r => Array.from(r.querySelectorAll('td')).map(td => td.innerText.trim()));", f"{selector} table tbody tr")
 
 
 def test_ablating_a_clicked_head_changes_the_output(dash_duo, make_app, ui):

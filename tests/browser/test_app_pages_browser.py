@@ -99,7 +99,8 @@ def test_runs_page(dash_duo, make_app, ui, tmp_path):
     path = dash_duo.find_element("#runs-path")
     path.send_keys(str(tmp_path / "no-such-run"))
     dash_duo.find_element("#runs-open").click()
-    ui.wait_until(lambda: "does not exist" in ui.text("#runs-message"), 20, "the bad-folder message")
+    ui.wait_until(lambda: "is not a run under the runs root" in ui.text("#runs-message"), 20,
+                  "the bad-folder message")
     dash_duo.clear_input(path)
     path.send_keys(str(tmp_path / "runs" / "run-a"))
     dash_duo.find_element("#runs-open").click()

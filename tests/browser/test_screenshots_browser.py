@@ -95,7 +95,7 @@ def test_screenshots(dash_duo, make_app, ui, tmp_path, smollm2):
         ui.wait_until(lambda r=r: f"L{int(r.layer)}H{int(r.head)} zero" in ui.text("#intervene-list"), 20, "item")
     dash_duo.find_element("#intervene-run").click()
     ui.wait_until(lambda: dash_duo.driver.find_elements("css selector", "#intervene-topk table"), 400, "comparison")
-    dash_duo.wait_for_element("#intervene-delta .heatmaplayer", timeout=30)
+    dash_duo.wait_for_element("#intervene-delta .heatmaplayer", timeout=400)  # the follow-up streams in
     ui.settle(1.5)
     shoot(dash_duo, "intervene", 1900)
 
@@ -145,8 +145,9 @@ def test_screenshots_long_input(dash_duo, make_app, ui, smollm2):
     dash_duo.select_dcc_dropdown("#pattern-layer", value="17")
     dash_duo.select_dcc_dropdown("#pattern-head", value="5")
     ui.wait_until(lambda: "L17H5 attention pattern (max-pooled)" in ui.text("#pattern-graph"), 60, "the thumbnail")
+    ui.wait_until(lambda: "max-pooled" in ui.text("#pattern-row"), 60, "the whole pooled row")
     ui.settle(1.5)
-    shoot(dash_duo, "pattern-long", 1110)
+    shoot(dash_duo, "pattern-long", 1700)
     drag = dash_duo.find_element("#pattern-graph .nsewdrag")
     r = dash_duo.driver.execute_script("const r = arguments[0].getBoundingClientRect();"
                                        "return [r.left, r.top, r.width, r.height];", drag)

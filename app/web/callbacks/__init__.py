@@ -13,7 +13,11 @@ from app.web.services.workspace import Workspace
 
 
 def register_all(app: Dash, ws: Workspace) -> None:
-    from app.web.callbacks import atlas, heads, intervene, jobs, pattern, prompt, runs, shell
+    from app.web.callbacks import atlas, heads, intervene, jobs, long_context, pattern, prompt, runs, shell
 
-    for module in (jobs, shell, prompt, heads, pattern, atlas, intervene, runs):
+    for module in (jobs, shell, prompt, heads, pattern, atlas, intervene, runs, long_context):
+        module.register(app, ws)
+    from app.web.callbacks import head_card, patching
+
+    for module in (head_card, patching):
         module.register(app, ws)

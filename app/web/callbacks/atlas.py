@@ -16,7 +16,7 @@ JOB = ids.ATLAS_JOB
 
 def register(app: Dash, ws: Workspace) -> None:
     @app.callback(
-        *start_outputs(JOB), Output(ids.ATLAS_MESSAGE, "children"),
+        *start_outputs(JOB), Output(ids.ATLAS_MESSAGE, "children"), Output(ids.ATLAS_N_ERROR, "children"),
         Input(ids.ATLAS_RUN, "n_clicks"),
         State(ids.ATLAS_DATASET, "value"), State(ids.ATLAS_N, "value"), State(ids.ATLAS_METHOD, "value"),
         State(ids.SESSION, "data"), State(JOB.store, "data"),
@@ -24,13 +24,14 @@ def register(app: Dash, ws: Workspace) -> None:
     )
     def run(n_clicks, dataset, n, method, session, store):
         if not n_clicks:
-            return *not_started(), no_update
+            return *not_started(), no_update, no_update
         model = (session or {}).get("model") or ws.default_model
-        cancel_previous(ws, store)
         job_id, error = safe(start_atlas, ws, model, dataset, n, method)
         if error:
-            return *not_started(), error
-        return *started(job_id), ""
+            beside = error.startswith("samples")
+            return *not_started(), ("" if beside else error), (error if beside else "")
+        cancel_previous(ws, store)
+        return *started(job_id), "", ""
 
     @app.callback(
         Output(ids.ATLAS_RESULT, "data"),
@@ -46,15 +47,17 @@ def register(app: Dash, ws: Workspace) -> None:
     @app.callback(
         Output(ids.ATLAS_GRAPH, "figure"), Output(ids.ATLAS_MESSAGE, "children", allow_duplicate=True),
         Input(ids.ATLAS_RESULT, "data"), Input(ids.ATLAS_COLOR, "value"), Input(ids.ATLAS_THRESHOLD, "value"),
+        State(ids.SESSION, "data"),
         prevent_initial_call="initial_duplicate",
     )
-    def show(key, color, threshold):
+    def show(key, color, threshold, session):
         if not key:
             return placeholder_figure("press 'Embed heads' to place every head of the session's model"), ""
         atlas, error = safe(ws.atlases.get, key)
         if atlas is None:
             return placeholder_figure(error), error
-        fig, error = safe(atlas_figure, atlas, color, threshold)
+        selected = (session or {}).get("selected")
+        fig, error = safe(atlas_figure, atlas, color, threshold, tuple(selected) if selected else None)
         return (fig if fig is not None else placeholder_figure(error)), error or ""
 
     @app.callback(

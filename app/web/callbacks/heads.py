@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dash import Dash, Input, Output, State, html, no_update
+from dash import Dash, Input, Output, State, dcc, html, no_update
 
 from app.web import ids
 from app.web.callbacks.clicks import head_from_click
 from app.web.callbacks.jobs import cancel_previous, not_started, start_outputs, started
 from app.web.services import placeholder_figure, safe
 from app.web.services.analysis import get_analysis
-from app.web.services.headmap import (default_metric, head_summary, headmap_figure, metric_options, probe_catalog,
-                                      split_metric_value, start_probe)
+from app.web.services.headmap import (check_probe_request, default_metric, estimate_seconds, head_summary,
+                                      headmap_figure, metric_options, probe_catalog, split_metric_value, start_probe)
 from app.web.services.metric_help import describe
 from app.web.services.workspace import Workspace
 
@@ -45,7 +45,7 @@ def register(app: Dash, ws: Workspace) -> None:
             return ([], None, placeholder_figure("no prompt analysed yet"), "", "", probe_options,
                     _probe_list(catalog), error)
         options = metric_options(analysis)
-        metric = default_metric(options, metric)
+        metric = default_metric(options, metric or (session or {}).get("metric"))
         selected = (session or {}).get("selected")
         fig, error = safe(headmap_figure, analysis, metric, selected)
         help_text = ""
@@ -54,6 +54,26 @@ def register(app: Dash, ws: Workspace) -> None:
             help_text = [html.B(f"{probe} / {name}: "), describe(probe, name)]
         return (options, metric, fig if fig is not None else placeholder_figure(error or ""), help_text,
                 head_summary(analysis, selected), probe_options, _probe_list(catalog), error or "")
+
+    @app.callback(
+        Output(ids.SESSION, "data", allow_duplicate=True),
+        Input(ids.HEADMAP_METRIC, "value"), State(ids.SESSION, "data"),
+        prevent_initial_call=True,
+    )
+    def remember_metric(metric, session):
+        """The chosen metric travels in the session (and so in the share link)."""
+        if not metric or (session or {}).get("metric") == metric:
+            return no_update
+        return dict(session or ws.session_defaults(), metric=metric)
+
+    @app.callback(Output(ids.HEADMAP_LINKS, "children"), Input(ids.SESSION, "data"))
+    def links(session):
+        selected = (session or {}).get("selected")
+        if not selected:
+            return []
+        layer, head = selected
+        return [dcc.Link(f"Open pattern of L{layer}H{head}", href="/pattern"),
+                dcc.Link(f"Intervene on L{layer}H{head}", href="/intervene")]
 
     @app.callback(
         Output(ids.SESSION, "data", allow_duplicate=True),
@@ -68,21 +88,35 @@ def register(app: Dash, ws: Workspace) -> None:
 
     @app.callback(
         *start_outputs(JOB), Output(ids.HEADMAP_MESSAGE, "children", allow_duplicate=True),
+        Output(ids.HEADMAP_SOURCE_N_ERROR, "children"),
         Input(ids.HEADMAP_COMPUTE, "n_clicks"), State(ids.HEADMAP_PROBE, "value"),
         State(ids.HEADMAP_SOURCE, "value"), State(ids.HEADMAP_SOURCE_N, "value"), State(ids.SESSION, "data"),
         State(JOB.store, "data"),
         prevent_initial_call=True,
     )
     def compute(n_clicks, probe, dataset, n, session, store):
+        """Pre-checks first (probe requirements, sample count); then the job, with a cost estimate."""
         if not n_clicks:
-            return *not_started(), no_update
+            return *not_started(), no_update, no_update
         analysis, error = safe(get_analysis, ws, session)
-        if not error:
-            cancel_previous(ws, store)
-            job_id, error = safe(start_probe, ws, analysis, probe, dataset or None, n)
         if error:
-            return *not_started(), error
-        return *started(job_id), ""
+            return *not_started(), error, ""
+        checked, error = safe(check_probe_request, ws, analysis, probe, dataset or None, n)
+        if error:
+            beside = error.startswith("samples")
+            return *not_started(), ("" if beside else error), (error if beside else "")
+        cancel_previous(ws, store)
+        job_id, error = safe(start_probe, ws, analysis, probe, dataset or None, n)
+        if error:
+            return *not_started(), error, ""
+        name, _, samples = checked
+        cap = analysis.capture
+        seconds = estimate_seconds(analysis, name, len(cap.layers), len(cap.heads), samples)
+        note = "" if seconds is None else html.Span(
+            f"{name} runs one ablated copy of the input per head and metric: up to ~{seconds:.0f} s on this machine "
+            "(copies × the measured forward of this prompt; batching makes it faster); Cancel stops it within a "
+            "layer", className="note")
+        return *started(job_id), note, ""
 
     @app.callback(
         Output(ids.HEADMAP_REFRESH, "data"), Output(ids.HEADMAP_METRIC, "value", allow_duplicate=True),

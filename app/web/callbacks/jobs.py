@@ -10,7 +10,8 @@ from app.web.jobs import FINISHED
 from app.web.services import safe
 from app.web.services.workspace import Workspace
 
-PANELS: tuple[JobIds, ...] = (ids.PROMPT_JOB, ids.HEADMAP_JOB, ids.ATLAS_JOB, ids.INTERVENE_JOB)
+PANELS: tuple[JobIds, ...] = (ids.PROMPT_JOB, ids.HEADMAP_JOB, ids.ATLAS_JOB, ids.INTERVENE_JOB, ids.LC_JOB,
+                              ids.PATCH_JOB)
 
 
 def started(job_id: str) -> tuple:
@@ -38,6 +39,8 @@ def cancel_previous(ws: Workspace, store: dict | None) -> None:
 
 def status_text(status: dict) -> str:
     state = status["state"]
+    if state in ("waiting", "cancelling"):
+        return f"{status['message']} ({status['elapsed_s']:.0f} s)"
     if state == "running":
         return f"{status['message']} ({100 * status['progress']:.0f}%, {status['elapsed_s']:.0f} s)"
     if state == "done":
@@ -64,18 +67,19 @@ def register_panel(app: Dash, ws: Workspace, panel: JobIds) -> None:
         css = f"job-status {status['state']}"
         if status["state"] in FINISHED:
             return str(status["progress"]), status_text(status), css, True, True, status, None
-        return str(status["progress"]), status_text(status), css, False, False, no_update, no_update
+        cancel_disabled = status["state"] == "cancelling"
+        return str(status["progress"]), status_text(status), css, False, cancel_disabled, no_update, no_update
 
     @app.callback(
-        Output(panel.status, "children", allow_duplicate=True),
+        Output(panel.status, "children", allow_duplicate=True), Output(panel.cancel, "disabled", allow_duplicate=True),
         Input(panel.cancel, "n_clicks"), State(panel.store, "data"),
         prevent_initial_call=True,
     )
     def cancel(n_clicks, store):
         if not n_clicks or not store or not store.get("id"):
-            return no_update
+            return no_update, no_update
         asked, error = safe(ws.jobs.cancel, store["id"])
-        return error or ("cancelling…" if asked else "already finished")
+        return error or ("cancelling… (stops at the next check)" if asked else "already finished"), True
 
 
 def register(app: Dash, ws: Workspace) -> None:

@@ -4,7 +4,7 @@ import dash
 from dash import dcc, html
 
 from app.web import ids
-from app.web.components import field, job_panel, message, page_title
+from app.web.components import field, job_panel, message, number_input, page_title
 from app.web.services.analysis import dataset_options
 from app.web.services.atlas import METHODS, MAX_SAMPLES
 
@@ -17,7 +17,7 @@ layout = html.Div([
     html.Div([
         field("Dataset", dcc.Dropdown(id=ids.ATLAS_DATASET, options=dataset_options(), value="induction",
                                       clearable=False)),
-        field("Samples", dcc.Input(id=ids.ATLAS_N, type="number", min=1, max=MAX_SAMPLES, step=1, value=8)),
+        field(f"Samples (1–{MAX_SAMPLES})", number_input(ids.ATLAS_N, 8), error_id=ids.ATLAS_N_ERROR),
         field("Embedding", dcc.Dropdown(id=ids.ATLAS_METHOD, clearable=False, value="umap",
                                         options=[{"label": v, "value": k} for k, v in METHODS.items()])),
         html.Button("Embed heads", id=ids.ATLAS_RUN, n_clicks=0, className="button primary"),

@@ -4,7 +4,8 @@ import dash
 from dash import dcc, html
 
 from app.web import ids
-from app.web.components import field, job_panel, message, page_title
+from app.web.components import field, job_panel, message, number_input, page_title
+from app.web.components_head_card import head_card
 from app.web.services.analysis import dataset_options
 from app.web.services.headmap import DATASET_SAMPLES, MAX_DATASET_SAMPLES
 
@@ -19,8 +20,8 @@ layout = html.Div([
                                               placeholder="registered probes")),
         field("on", dcc.Dropdown(id=ids.HEADMAP_SOURCE, value="", clearable=False,
                                  options=[{"label": "this prompt", "value": ""}] + dataset_options())),
-        field("samples", dcc.Input(id=ids.HEADMAP_SOURCE_N, type="number", min=1, max=MAX_DATASET_SAMPLES,
-                                   step=1, value=DATASET_SAMPLES)),
+        field(f"samples (1–{MAX_DATASET_SAMPLES})", number_input(ids.HEADMAP_SOURCE_N, DATASET_SAMPLES),
+              error_id=ids.HEADMAP_SOURCE_N_ERROR),
         html.Button("Compute", id=ids.HEADMAP_COMPUTE, n_clicks=0, className="button secondary"),
         job_panel(ids.HEADMAP_JOB),
     ], className="row align-end"),
@@ -28,6 +29,8 @@ layout = html.Div([
     html.Div(id=ids.HEADMAP_HELP, className="help"),
     dcc.Graph(id=ids.HEADMAP_GRAPH, config={"displaylogo": False}),
     html.Div(id=ids.HEADMAP_SELECTED, className="summary"),
+    html.Div(id=ids.HEADMAP_LINKS, className="links"),
+    head_card(),
     html.H4("Registered probes"),
     html.Div(id=ids.HEADMAP_PROBE_LIST),
 ])

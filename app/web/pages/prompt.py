@@ -4,7 +4,7 @@ import dash
 from dash import dcc, html
 
 from app.web import ids
-from app.web.components import field, job_panel, message, page_title
+from app.web.components import field, job_panel, message, number_input, page_title
 from app.web.services.analysis import dataset_options, model_options
 
 dash.register_page(__name__, path="/", name="Model & prompt", order=0, title="Model & prompt")
@@ -20,7 +20,7 @@ layout = html.Div([
     html.Div([
         field("Dataset example", dcc.Dropdown(id=ids.PROMPT_DATASET, options=dataset_options(), value="factual",
                                               clearable=False)),
-        field("Index", dcc.Input(id=ids.PROMPT_EXAMPLE, type="number", min=0, step=1, value=0)),
+        field("Index", number_input(ids.PROMPT_EXAMPLE, 0), error_id=ids.PROMPT_EXAMPLE_ERROR),
         html.Button("Load example", id=ids.PROMPT_LOAD_EXAMPLE, n_clicks=0, className="button secondary"),
     ], className="row align-end"),
     field("Prompt", dcc.Textarea(id=ids.PROMPT_TEXT, placeholder="Type a prompt…", className="prompt-box"),

@@ -7,12 +7,16 @@ into the workspace cache under a random key, which the browser session keeps.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pandas as pd
+import torch
 
 from app.web.jobs import JobContext
+from app.web.services.inputs import parse_int
 from app.web.services.workspace import Workspace
 from probes.base import concat_frames
 from probes.pipeline import AnalysisResult, analyze
@@ -20,11 +24,13 @@ from probes.registry import PROBES
 from workbench.batch import TokenBatch
 from workbench.capture import Capture, resolve_mode
 from workbench.data import list_datasets, load_dataset
-from workbench.errors import InputError
-from workbench.model import HookedModel, load_model
+from workbench.errors import InputError, WorkbenchError
+from workbench.forward import run
+from workbench.model import HookedModel, load_model, next_token_loss
 from workbench.registry import REGISTRY
 
 Mode = Literal["patterns", "stats"]
+MAX_EXAMPLE_INDEX = 100_000
 
 
 @dataclass
@@ -52,6 +58,9 @@ class Analysis:
     notes: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    forward_s: float | None = None  # one clean forward of the prompt (fused backend), measured
+    clean_last_logits: torch.Tensor | None = None  # [V] next-token logits of that forward (Compare's "before")
+    clean_loss: float | None = None  # next-token loss of that forward
 
     @property
     def n_tokens(self) -> int:
@@ -78,8 +87,37 @@ def model_options() -> list[dict]:
     return [{"label": f"{spec.name} — {spec.description}", "value": spec.name} for spec in REGISTRY.values()]
 
 
-def dataset_options() -> list[dict]:
-    return [{"label": name, "value": name} for name in list_datasets()]
+def dataset_options(ws: Workspace | None = None) -> list[dict]:
+    """The bundled datasets, plus the ``.txt``/``.jsonl`` files of the app's data folder (if any)."""
+    options = [{"label": name, "value": name} for name in list_datasets()]
+    if ws is not None and ws.data_dir is not None and ws.data_dir.is_dir():
+        options += [{"label": f"{p.name} (data folder)", "value": p.name}
+                    for p in sorted(ws.data_dir.iterdir()) if p.is_file() and p.suffix in (".txt", ".jsonl")]
+    return options
+
+
+def check_dataset(ws: Workspace, name: str | None) -> str:
+    """What the app may load for a client's dataset choice: a bundled name, or a ``.txt``/``.jsonl``
+    file directly in the data folder (``workbench app --data-dir``); never any other path.
+
+    Returns:
+        the bundled name, or the file's resolved path.
+    Raises:
+        InputError: no choice, or anything else (the message does not say whether a path exists).
+    """
+    if not name or not str(name).strip():
+        raise InputError("no dataset chosen: pick one from the list")
+    name = str(name).strip()
+    if name in list_datasets():
+        return name
+    folder = ws.data_dir.resolve() if ws.data_dir is not None else None
+    if folder is not None and "/" not in name and "\\" not in name and name not in (".", ".."):
+        path = (folder / name).resolve()
+        if path.parent == folder and path.suffix in (".txt", ".jsonl") and path.is_file():
+            return str(path)
+    where = f" or a .txt/.jsonl file of the data folder {ws.data_dir}" if folder is not None else \
+        " (start the app with --data-dir FOLDER to add your own files)"
+    raise InputError(f"dataset {name!r} is not available in the app: use one of {', '.join(list_datasets())}{where}")
 
 
 def resolve_model_name(choice: str | None, folder: str | None) -> str:
@@ -119,23 +157,21 @@ def choose_mode(ws: Workspace, n_tokens: int, n_ctx: int | None = None) -> Mode:
 
 # ---------------------------------------------------------------- jobs
 def start_example(ws: Workspace, model_name: str, dataset: str | None, index: int | None) -> str:
-    """Job: the text of example ``index`` of a bundled dataset (needs the model's tokenizer)."""
-    if not dataset:
-        raise InputError("no dataset chosen: pick one from the list")
-    index = 0 if index is None else int(index)
-    if index < 0:
-        raise InputError(f"example index {index} is negative: use 0 or more")
+    """Job: the text of example ``index`` of a dataset the app may load (:func:`check_dataset`)."""
+    model_name = ws.check_model(model_name)
+    dataset = check_dataset(ws, dataset)
+    index = parse_int(index, "example index", 0, MAX_EXAMPLE_INDEX)
 
     def job(ctx: JobContext) -> dict:
         ctx.progress(0.1, f"loading {model_name}")
         model = load_model(model_name)
-        ctx.progress(0.5, f"reading {dataset}")
+        ctx.progress(0.5, f"reading {Path(dataset).name}")
         batch = load_dataset(dataset, model, n=index + 1)
         if index >= len(batch):
-            raise InputError(f"{dataset} has {len(batch)} examples: pick an index below {len(batch)}")
+            raise InputError(f"{Path(dataset).name} has {len(batch)} examples: pick an index below {len(batch)}")
         return {"kind": "example", "text": example_text(model, batch, index)}
 
-    return ws.jobs.submit("example", job)
+    return ws.jobs.submit("example", job, uses_model=False)
 
 
 def example_text(model: HookedModel, batch: TokenBatch, index: int) -> str:
@@ -150,6 +186,7 @@ def example_text(model: HookedModel, batch: TokenBatch, index: int) -> str:
 
 def start_analysis(ws: Workspace, model_name: str, prompt: str) -> str:
     """Validate, then queue :func:`analyse` as a job; returns the job id."""
+    model_name = ws.check_model(model_name)
     check_prompt(ws, prompt)
 
     def job(ctx: JobContext) -> dict:
@@ -169,11 +206,18 @@ def analyse(ws: Workspace, model_name: str, prompt: str, ctx: JobContext) -> str
     ids = model.encode(prompt)
     mode = choose_mode(ws, ids.numel(), model.n_ctx)
     batch = model.batch_from_ids([ids], meta=[{"prompt": prompt}])
-    result = run_pipeline(model, batch, [cls.name for cls in PROBES.values() if cls.needs_capture], mode, ctx,
-                          0.35, 0.65, keep=True)
+    runnable, skipped = check_probes(model, batch, [cls.name for cls in PROBES.values() if cls.needs_capture])
+    result = run_pipeline(model, batch, runnable, mode, ctx, 0.35, 0.6, keep=True)
+    ctx.progress(0.96, "clean forward (logits for Compare)")
+    start = time.perf_counter()
+    logits = run(model, batch)
+    forward_s = time.perf_counter() - start
+    causal = model.causal and ids.numel() >= 2
     ctx.check()  # a cancelled job publishes nothing
     analysis = Analysis(model_name=model_name, prompt=prompt, batch=batch, capture=result.capture, mode=mode,
-                        frame=result.table, notes=result.notes)
+                        frame=result.table, notes={**skipped, **result.notes}, forward_s=forward_s,
+                        clean_last_logits=logits[0, -1].float().cpu() if model.causal else None,
+                        clean_loss=float(next_token_loss(logits, batch)) if causal else None)
     return ws.analyses.put(analysis)
 
 
@@ -189,6 +233,20 @@ def run_pipeline(model: HookedModel, batch: TokenBatch, probes, mode: Mode, ctx:
     return analyze(model, batch, probes=probes, mode=mode, keep_patterns=keep and mode == "patterns",
                    keep_qk=keep and mode == "stats", interventions=interventions, progress=report,
                    cancel=lambda: ctx.cancelled, on_error="note")
+
+
+def check_probes(model: HookedModel, batch: TokenBatch, names) -> tuple[list[str], dict[str, str]]:
+    """Each probe's own pre-check (:meth:`probes.base.Probe.check_run`) before anything runs:
+    ``(names that can run, {name: why not})``."""
+    runnable, skipped = [], {}
+    for name in names:
+        try:
+            PROBES[name]().check_run(model, batch)
+        except WorkbenchError as err:
+            skipped[name] = str(err)
+        else:
+            runnable.append(name)
+    return runnable, skipped
 
 
 def get_analysis(ws: Workspace, session: dict | None) -> Analysis:

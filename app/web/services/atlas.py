@@ -9,6 +9,7 @@ score when that score is above a threshold, else ``"other"``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -49,13 +50,14 @@ class Atlas:
 def start_atlas(ws: Workspace, model_name: str, dataset: str | None, n: int | None, method: str | None,
                 batch_size: int = 4) -> str:
     """Validate, then queue the atlas job; returns the job id."""
-    if not dataset:
-        raise InputError("no dataset chosen: pick one from the list")
+    model_name = ws.check_model(model_name)
+    from app.web.services.analysis import check_dataset
+    from app.web.services.inputs import parse_int
+
+    dataset = check_dataset(ws, dataset)
     if method not in METHODS:
         raise InputError(f"unknown embedding '{method}': use one of {', '.join(METHODS)}")
-    n = 16 if n is None else int(n)
-    if not 1 <= n <= MAX_SAMPLES:
-        raise InputError(f"{n} samples: use between 1 and {MAX_SAMPLES}")
+    n = parse_int(n, "samples", 1, MAX_SAMPLES, 16)
 
     def job(ctx: JobContext) -> dict:
         return {"kind": "atlas", "key": ws.atlases.put(build_atlas(ws, model_name, dataset, n, method, ctx, batch_size))}
@@ -128,7 +130,7 @@ def build_atlas(ws: Workspace, model_name: str, dataset: str, n: int, method: Me
     xy = embed(table[features].to_numpy(dtype=float), method)
     ctx.check()
     table["x"], table["y"] = xy[:, 0], xy[:, 1]
-    return Atlas(table, features, f"{model_name} on {dataset} ({n} samples), {METHODS[method]}")
+    return Atlas(table, features, f"{model_name} on {Path(dataset).name} ({n} samples), {METHODS[method]}")
 
 
 def head_class(table: pd.DataFrame, threshold: float) -> pd.Series:
@@ -138,8 +140,14 @@ def head_class(table: pd.DataFrame, threshold: float) -> pd.Series:
     return best.where(scores.max(axis=1) > threshold, "other")
 
 
-def atlas_figure(atlas: Atlas, color_by: str | None, threshold: float | None) -> go.Figure:
-    """Scatter of the heads; ``customdata = (layer, head)`` so a click selects the head."""
+OTHER_COLOUR = "#c7c9cf"  # the catch-all class, greyed so the detector classes stand out
+
+
+def atlas_figure(atlas: Atlas, color_by: str | None, threshold: float | None,
+                 selected: tuple[int, int] | None = None) -> go.Figure:
+    """Scatter of the heads; ``customdata = (layer, head)`` so a click selects the head.
+
+    The catch-all class ``other`` is grey; the session's selected head is ringed."""
     table = atlas.table.copy()
     table["class"] = head_class(table, 0.3 if threshold is None else float(threshold))
     hover = ("L%{customdata[0]}H%{customdata[1]} — %{customdata[2]}<br>"
@@ -149,15 +157,25 @@ def atlas_figure(atlas: Atlas, color_by: str | None, threshold: float | None) ->
     fig = go.Figure()
     if color_by == "class":
         for name, rows in table.groupby("class", sort=True):
+            marker = dict(size=11, line=dict(width=0.5, color="#333"))
+            if name == "other":
+                marker.update(color=OTHER_COLOUR, opacity=0.7)
             fig.add_trace(go.Scatter(x=rows["x"], y=rows["y"], mode="markers", name=str(name),
                                      customdata=rows[custom_cols].to_numpy().tolist(), hovertemplate=hover,
-                                     marker=dict(size=11, line=dict(width=0.5, color="#333"))))
+                                     marker=marker))
     else:
         fig.add_trace(go.Scatter(
             x=table["x"], y=table["y"], mode="markers", name="heads", customdata=table[custom_cols].to_numpy().tolist(),
             hovertemplate=hover,
             marker=dict(size=11, color=table["layer"], colorscale="Viridis", showscale=True,
                         colorbar=dict(title="layer"), line=dict(width=0.5, color="#333"))))
+    if selected is not None:
+        row = table[(table["layer"] == selected[0]) & (table["head"] == selected[1])]
+        if not row.empty:
+            fig.add_trace(go.Scatter(x=row["x"], y=row["y"], mode="markers+text", name="selected",
+                                     text=[f"L{selected[0]}H{selected[1]}"], textposition="top center",
+                                     hoverinfo="skip", marker=dict(size=22, color="rgba(0,0,0,0)",
+                                                                   line=dict(width=3, color="#d62728"))))
     fig.update_layout(title=atlas.description, height=620, xaxis_title="dim 1", yaxis_title="dim 2",
                       clickmode="event", margin=dict(l=50, r=20, t=50, b=40))
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 
 import plotly.graph_objects as go
 
@@ -83,28 +84,63 @@ def headmap_figure(analysis: Analysis, value: str | None, selected: tuple[int, i
     return fig
 
 
+def check_probe_request(ws: Workspace, analysis: Analysis, name: str | None, dataset: str | None = None,
+                        n=None) -> tuple[str, str | None, int]:
+    """Validate a Compute request before any job starts: ``(probe, dataset or None, samples)``.
+
+    On "this prompt" the probe's own pre-check (:meth:`probes.base.Probe.check_run`) runs now,
+    so a probe that needs several samples is refused at once instead of after its sweep.
+
+    Raises:
+        InputError: unknown probe, dataset the app may not load, bad sample count, or a failed pre-check.
+    """
+    from app.web.services.analysis import check_dataset
+    from app.web.services.inputs import parse_int
+
+    if not name:
+        raise InputError("no probe chosen: pick one from the list")
+    if name not in PROBES:
+        raise InputError(f"unknown probe '{name}': use one of {', '.join(PROBES)}")
+    if dataset:
+        return name, check_dataset(ws, dataset), parse_int(n, "samples", 1, MAX_DATASET_SAMPLES, DATASET_SAMPLES)
+    try:
+        PROBES[name]().check_run(load_model(analysis.model_name), analysis.batch)
+    except InputError as err:
+        raise InputError(f"probe '{name}' cannot run on this prompt: {err} (try computing it on a dataset)") from None
+    return name, None, 1
+
+
+def estimate_seconds(analysis: Analysis, name: str, n_layers: int, n_heads: int, samples: int = 1) -> float | None:
+    """A rough cost of a slow probe: its forward passes × the measured clean forward of this
+    prompt (:attr:`Analysis.forward_s`), × ``samples`` for a dataset (assumed prompt-sized).
+    None for probes whose cost is about one capture."""
+    if analysis.forward_s is None or not PROBES[name].needs_model:
+        return None
+    if name == "importance":  # one ablated forward per head and ablation metric, ~3 for gradient/patching
+        cls = PROBES[name]
+        ablations = sum(1 for m in cls.metrics if m.startswith("ablation"))
+        passes = ablations * n_layers * n_heads + 3 * (len(cls.metrics) - ablations)
+    else:
+        return None
+    return passes * analysis.forward_s * samples
+
+
 def start_probe(ws: Workspace, analysis: Analysis, name: str | None, dataset: str | None = None,
-                n: int | None = None) -> str:
+                n=None) -> str:
     """Job: fit a registered probe on the analysed prompt, or on ``n`` samples of ``dataset``.
 
     Dataset-level probes (importance with resampling, HeSS, sink rates) need several samples;
     their rows join the head table with the source noted in :attr:`Analysis.sources`.
     """
-    if not name:
-        raise InputError("no probe chosen: pick one from the list")
-    if name not in PROBES:
-        raise InputError(f"unknown probe '{name}': use one of {', '.join(PROBES)}")
-    n = DATASET_SAMPLES if n is None else int(n)
-    if dataset and not 1 <= n <= MAX_DATASET_SAMPLES:
-        raise InputError(f"{n} samples: use between 1 and {MAX_DATASET_SAMPLES}")
-    source = f"{dataset} ×{n}" if dataset else "this prompt"
+    name, dataset, n = check_probe_request(ws, analysis, name, dataset, n)
+    source = f"{Path(dataset).name} ×{n}" if dataset else "this prompt"
 
     def job(ctx: JobContext) -> dict:
         ctx.progress(0.05, f"loading {analysis.model_name}")
         model = load_model(analysis.model_name)
         batch, mode = analysis.batch, analysis.mode
         if dataset:
-            ctx.progress(0.1, f"loading {n} samples of {dataset}")
+            ctx.progress(0.1, f"loading {n} samples of {Path(dataset).name}")
             batch = load_dataset(dataset, model, n=n)
             mode = resolve_mode("auto", int(batch.lengths.max()), ws.limits.patterns)
         result = run_pipeline(model, batch, [name], mode, ctx, 0.2, 0.8)

@@ -10,25 +10,67 @@ import plotly.graph_objects as go
 from app.web.services.headmap import metric_value, split_metric_value
 from probes.figures import head_heatmap
 from workbench.errors import InputError
-from workbench.runstore import Run, read_run
+from workbench.runstore import Run, is_listable, read_run
 
 TABLE_ROWS = 200
 
 
 def discover_runs(root: Path) -> list[dict]:
-    """Dropdown options: sub-folders of ``root`` holding a ``manifest.json``."""
+    """Dropdown options: sub-folders of the runs root holding a ``manifest.json`` (values are the
+    folder names; hidden folders, such as a writer's ``.tmp-*``/``.old-*``, are never listed)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         return []
-    found = sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").is_file())
-    return [{"label": p.name, "value": str(p)} for p in found]
+    found = sorted(p for p in root.iterdir()
+                   if is_listable(p) and p.is_dir() and (p / "manifest.json").is_file())
+    return [{"label": p.name, "value": p.name} for p in found]
 
 
-def open_run(path: str | None) -> Run:
-    """Read a run folder (clear :class:`InputError` when missing or malformed)."""
-    if not path or not str(path).strip():
-        raise InputError("no run folder given: type the path of a folder written by 'workbench analyze'")
-    return read_run(Path(str(path).strip()))
+def resolve_run(root: Path, name: str | None) -> Path:
+    """The folder of run ``name`` under the runs root; anything that leaves the root is refused
+    before the disk is looked at (so the answer never says whether an outside path exists).
+
+    Raises:
+        InputError: empty, outside the runs root, or no run of that name.
+    """
+    if not name or not str(name).strip():
+        raise InputError("no run chosen: pick one from the list of runs")
+    root = Path(root).expanduser().resolve()
+    text = str(name).strip()
+    candidate = Path(text).expanduser()
+    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if path == root or not path.is_relative_to(root) or any(part.startswith(".") for part in path.relative_to(root).parts):
+        raise InputError(f"'{text}' is not a run under the runs root {root}: the app opens only run folders "
+                         "there (start it with --runs-dir FOLDER for another root); pick one from the list")
+    if not (path / "manifest.json").is_file():
+        raise InputError(f"no run named '{path.relative_to(root)}' under the runs root: pick one from the list")
+    return path
+
+
+def open_run(root: Path, name: str | None) -> Run:
+    """Read run ``name`` under the runs root (clear :class:`InputError` when refused, missing or malformed)."""
+    return read_run(resolve_run(root, name))
+
+
+MATCH_FIELDS = ("model", "dataset", "seq_lengths", "n", "mode")
+
+
+def run_differences(a: Run, b: Run) -> list[str]:
+    """The manifest fields in which two runs differ (model, dataset, lengths...), as readable lines."""
+    lines = []
+    for key in MATCH_FIELDS:
+        left, right = a.manifest.get(key), b.manifest.get(key)
+        if left != right and (left is not None or right is not None):
+            shown = [_short(v) for v in (left, right)]
+            lines.append(f"{key}: {shown[0]} vs {shown[1]}")
+    return lines
+
+
+def _short(value) -> str:
+    if isinstance(value, list) and len(value) > 6:
+        return f"{len(value)} values, {min(value)}..{max(value)}" if all(isinstance(v, (int, float)) for v in value) \
+            else f"{len(value)} values"
+    return str(value)
 
 
 def run_metric_options(run: Run, other: Run | None = None) -> list[dict]:

@@ -30,9 +30,9 @@ class ResultCache:
         self._capacity = capacity
         self._what = what
 
-    def put(self, value: Any) -> str:
-        """Store ``value``; returns its new key."""
-        key = uuid.uuid4().hex
+    def put(self, value: Any, key: str | None = None) -> str:
+        """Store ``value`` (under ``key``, or a new random one); returns the key."""
+        key = key or uuid.uuid4().hex
         with self._lock:
             self._items[key] = value
             while len(self._items) > self._capacity:
@@ -49,7 +49,8 @@ class ResultCache:
             raise InputError(f"no {self._what} yet: run one first")
         with self._lock:
             if key not in self._items:
-                raise InputError(f"this {self._what} has expired from the server cache: run it again")
+                raise InputError(f"this {self._what} has expired from the server cache (it keeps the {self._capacity} "
+                                 f"most recent of all sessions; newer ones replaced it): run it again")
             self._items.move_to_end(key)
             return self._items[key]
 
@@ -79,7 +80,19 @@ class Workspace:
     jobs: JobManager = field(default_factory=JobManager)
     analyses: ResultCache = field(default_factory=lambda: ResultCache(4, "analysis"))
     atlases: ResultCache = field(default_factory=lambda: ResultCache(4, "head atlas"))
+    taxonomies: ResultCache = field(default_factory=lambda: ResultCache(4, "long-context run"))
     comparisons: ResultCache = field(default_factory=lambda: ResultCache(8, "intervention comparison"))
+    clean_sides: ResultCache = field(default_factory=lambda: ResultCache(8, "clean model output"))  # per analysis
+    models_root: Path | None = None  # local model folders clients may load (besides registry names)
+    allow_any_model: bool = False    # ``workbench app --allow-any-model``: any folder or hub id
+    data_dir: Path | None = None     # ``workbench app --data-dir``: .txt/.jsonl datasets clients may load
+
+    def check_model(self, name: str | None) -> str:
+        """The model a client asked for, if this app may load it (:func:`workbench.model_access.check_model_allowed`)."""
+        from workbench.model_access import check_model_allowed
+
+        return check_model_allowed(name, models_root=self.models_root, allow_any=self.allow_any_model,
+                                   also=(self.default_model,))
 
     def session_defaults(self) -> dict:
         """Initial per-session state (the ``SESSION`` store)."""
