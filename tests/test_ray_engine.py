@@ -122,6 +122,35 @@ def test_resume_after_a_kill_finishes_with_the_same_table(ray_cluster, local_tab
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # shards removed once the run is written
 
 
+@pytest.mark.smollm2
+def test_ctrl_c_stops_the_run_and_writes_nothing(ray_cluster, tmp_path):
+    """SIGINT mid-run (after a first shard is done): exit 130 with one line, no run folder."""
+    from app.scaleout import resume_folder
+    from probes.engine_ray import release_workers
+
+    release_workers()
+    out = tmp_path / "run"
+    args = ARGS + ["--batch-size", "2", "--engine", "ray", "--workers", "2", "--resume", "--out", str(out)]
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args, "--address", address],
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(resume_folder(out).glob("shard-*.safetensors")) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode in (130, -signal.SIGINT), err
+    assert "cancelled" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_without_ray_the_error_names_the_install(monkeypatch):
     from probes.engine_ray import RayEngine
     from workbench.errors import InputError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -619,3 +620,40 @@ def test_models_list_flags_a_truncated_checkpoint(tmp_path, monkeypatch, capsys)
     assert main(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("tiny-llama"))
     assert "corrupt" in line
+
+
+def _forge(client, deps: list[dict], input_id: str, state: dict) -> dict:
+    """POST the Dash callback triggered by ``input_id``'s click as an attacker would, with any state."""
+    spec = next(d for d in deps if any(i["id"] == input_id for i in d["inputs"]))
+    outputs = [dict(zip(("id", "property"), part.rsplit(".", 1))) for part in spec["output"].strip(".").split("...")]
+    body = {"output": spec["output"], "outputs": outputs,
+            "inputs": [{"id": input_id, "property": "n_clicks", "value": 1}],
+            "state": [dict(s, value=state.get(s["id"])) for s in spec["state"]],
+            "changedPropIds": [f"{input_id}.n_clicks"]}
+    response = client.post("/_dash-update-component", json=body)
+    assert response.status_code in (200, 204)
+    return response.get_json() or {}
+
+
+def test_forged_load_example_requests_never_read_files(tmp_path):
+    """Item 3 at the HTTP level (how an attacker calls the app, whatever the page offers): a
+    Load-example request naming any file path is refused and the file's text is never returned;
+    a bundled name starts the job."""
+    from app.web.factory import create_app
+
+    secret = tmp_path / "notes.txt"
+    secret.write_text("TOP SECRET LINE\n")
+    app = create_app("tiny-llama", runs_dir=tmp_path / "runs")
+    try:
+        client = app.server.test_client()
+        deps = client.get("/_dash-dependencies").get_json()
+        base = {"prompt-model": "tiny-llama", "prompt-folder": "", "prompt-example": "0"}
+        for path in (str(secret), f"~/../..{secret}", f"{secret.parent}/../{secret.parent.name}/notes.txt",
+                     "../../etc/passwd", "/etc/hostname"):
+            answer = json.dumps(_forge(client, deps, "prompt-load-example", dict(base, **{"prompt-dataset": path})))
+            assert "is not available in the app" in answer and "TOP SECRET" not in answer, path
+            assert "prompt-job-store" not in answer  # no job started
+        started = _forge(client, deps, "prompt-load-example", dict(base, **{"prompt-dataset": "induction"}))
+        assert started["response"]["prompt-job-store"]["data"]  # the control: a bundled name runs
+    finally:
+        app.workspace.jobs.shutdown()
