@@ -71,6 +71,8 @@ def test_atlas_page(dash_duo, make_app, ui):
     ui.wait_until(lambda: "head: L" in ui.text("#session-badge"), 20, "the selected head")
     layer, head = ui.text("#session-badge").split("head: L")[1].split("H")
     ui.wait_until(lambda: f"L{layer}H{head} attention pattern" in ui.text("#pattern-graph"), 20, "its pattern")
+    ui.wait_until(lambda: "Promotes" in ui.text("#headcard-body"), 60, "the head card beside the pattern")
+    assert f"L{layer}H{head}" in ui.text("#headcard-body")
     ui.settle()
     assert dash_duo.get_logs() == []
 

@@ -5,6 +5,7 @@ from dash import dcc, html
 
 from app.web import ids
 from app.web.components import field, message, number_input, page_title
+from app.web.components_head_card import head_card
 
 dash.register_page(__name__, path="/pattern", name="Pattern viewer", order=2, title="Pattern viewer")
 
@@ -31,4 +32,5 @@ layout = html.Div([
     dcc.Graph(id=ids.PATTERN_ROW, config={"displaylogo": False}),
     html.H4("Strongest keys of this row"),
     html.Div(id=ids.PATTERN_TOPK),
+    head_card(),
 ])
