@@ -76,8 +76,17 @@ class UI:
         raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
     def text(self, selector: str) -> str:
-        found = self.duo.driver.find_elements("css selector", selector)
-        return found[0].text if found else ""
+        """The text of the first match ("" when none); an element re-rendered between finding and
+        reading it (stale) is looked up again."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _ in range(5):
+            found = self.duo.driver.find_elements("css selector", selector)
+            try:
+                return found[0].text if found else ""
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        return ""
 
     def run_prompt(self, text: str, timeout: float = 90.0) -> None:
         """Type ``text`` on the Model & prompt page, press Run, wait for the token strip."""
