@@ -166,7 +166,12 @@ def _pack(model: HookedModel, text: str, seq_len: int) -> TokenBatch:
     return model.batch_from_ids(sequences, [{"packed": True} for _ in sequences])
 
 
-def _jsonl_file(path: Path, model: HookedModel, seq_len: int | None) -> TokenBatch:
+def jsonl_objects(path: Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a ``.jsonl`` file.
+
+    Raises:
+        InputError: a line that is not valid JSON or not a JSON object (naming the line).
+    """
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -177,7 +182,12 @@ def _jsonl_file(path: Path, model: HookedModel, seq_len: int | None) -> TokenBat
             raise InputError(f"{path} line {number} is not valid JSON ({err}): fix or remove it") from None
         if not isinstance(item, dict):
             raise InputError(f"{path} line {number} must be a JSON object")
-        items.append(item)
+        items.append((number, item))
+    return items
+
+
+def _jsonl_file(path: Path, model: HookedModel, seq_len: int | None) -> TokenBatch:
+    items = [item for _, item in jsonl_objects(path)]
     if not items:
         raise InputError(f"empty dataset: {path} has no items")
     prompts, meta = [], []

@@ -135,19 +135,13 @@ def needle_jsonl(path: Path, model, *, seq_len: int | None = None) -> TokenBatch
         InputError: a missing/non-string field, a needle not in its prompt, an empty answer, or a
             sample longer than ``seq_len`` / the model context.
     """
-    from workbench.data import char_span_to_tokens
+    from workbench.data import char_span_to_tokens, jsonl_objects
 
     sequences, meta = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise InputError(f"{path} line {number} is not valid JSON ({err}): fix or remove it") from None
+    for number, item in jsonl_objects(path):
         where = f"{path} line {number}"
         for field in ("prompt", "needle", "answer"):
-            if not isinstance(item.get(field) if isinstance(item, dict) else None, str):
+            if not isinstance(item.get(field), str):
                 raise InputError(f"{where} needs a string '{field}': needle items are "
                                  '{"prompt": ..., "needle": ..., "answer": ...}')
         prompt, needle, answer = item["prompt"], item["needle"], item["answer"]
