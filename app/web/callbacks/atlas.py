@@ -6,7 +6,7 @@ from dash import Dash, Input, Output, State, no_update
 
 from app.web import ids
 from app.web.callbacks.clicks import head_from_click
-from app.web.callbacks.jobs import cancel_previous, not_started, start_outputs, started
+from app.web.callbacks.jobs import cancel_previous, finished_key, not_started, start_outputs, started
 from app.web.services import placeholder_figure, safe
 from app.web.services.atlas import atlas_figure, start_atlas
 from app.web.services.workspace import Workspace
@@ -39,10 +39,7 @@ def register(app: Dash, ws: Workspace) -> None:
         prevent_initial_call=True,
     )
     def finished(done):
-        if not done or done.get("state") != "done":
-            return no_update
-        result, error = safe(ws.jobs.result, done["id"])
-        return no_update if error else result["key"]
+        return finished_key(ws, done)
 
     @app.callback(
         Output(ids.ATLAS_GRAPH, "figure"), Output(ids.ATLAS_MESSAGE, "children", allow_duplicate=True),

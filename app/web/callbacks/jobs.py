@@ -50,6 +50,15 @@ def status_text(status: dict) -> str:
     return status["message"]
 
 
+def finished_key(ws: Workspace, done: dict | None):
+    """The cache key a finished job returned (``result["key"]``), or ``no_update`` while the job
+    has not finished well or its result is gone."""
+    if not done or done.get("state") != "done":
+        return no_update
+    result, error = safe(ws.jobs.result, done["id"])
+    return no_update if error else result["key"]
+
+
 def register_panel(app: Dash, ws: Workspace, panel: JobIds) -> None:
     @app.callback(
         Output(panel.progress, "value"), Output(panel.status, "children"), Output(panel.status, "className"),

@@ -6,7 +6,7 @@ from dash import Dash, Input, Output, State, no_update
 
 from app.web import ids
 from app.web.callbacks.clicks import head_from_click
-from app.web.callbacks.jobs import cancel_previous, not_started, start_outputs, started
+from app.web.callbacks.jobs import cancel_previous, finished_key, not_started, start_outputs, started
 from app.web.services import placeholder_figure, safe
 from app.web.services.long_context import head_view, sample_options, start_taxonomy, taxonomy_figure
 from app.web.services.workspace import Workspace
@@ -34,10 +34,7 @@ def register(app: Dash, ws: Workspace) -> None:
 
     @app.callback(Output(ids.LC_RESULT, "data"), Input(JOB.done, "data"), prevent_initial_call=True)
     def finished(done):
-        if not done or done.get("state") != "done":
-            return no_update
-        result, error = safe(ws.jobs.result, done["id"])
-        return no_update if error else result["key"]
+        return finished_key(ws, done)
 
     @app.callback(
         Output(ids.LC_GRAPH, "figure"), Output(ids.LC_SAMPLE, "options"), Output(ids.LC_SAMPLE, "value"),
