@@ -41,7 +41,7 @@ DISABLE_ENV = "WORKBENCH_CPU_FUSED"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I, _I, _I, _P, _P, ctypes.c_int32, _I, _P, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P]
 _ROW_ARGTYPES = [_P, _I, _I, _I, _I, _P, _I, _I, _P, _P, ctypes.c_float, ctypes.c_int32,
-                 _P, _P, _P, _P, _P, _P, _I]
+                 _P, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I]
 
 
 def _compiler() -> str | None:

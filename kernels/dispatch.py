@@ -14,6 +14,7 @@ import torch
 
 from . import chunked, recompute, reference, row_pass, sdpa_lse
 from .exact_pass import exact_stats
+from .long_context import RowExtras
 from .types import AttentionStats
 from .validation import (
     check_block,
@@ -39,6 +40,17 @@ def _pick(backend: object, device: torch.device, head_dim: int, block_size: int 
     return chosen
 
 
+def _check_row_extras(extras: RowExtras) -> RowExtras:
+    """``extras`` with its fields checked (ValueError naming the bad one)."""
+    if not isinstance(extras, RowExtras):
+        raise TypeError(f"row_extras must be a kernels.long_context.RowExtras, not {type(extras).__name__}")
+    check_int(extras.sinks, "row_extras.sinks", low=0)
+    check_int(extras.window, "row_extras.window", low=0)
+    if extras.block_size is not None:
+        check_block(extras.block_size, "row_extras.block_size")
+    return extras
+
+
 def _triton():
     from . import triton_launch  # imported lazily: TRITON_INTERPRET must be set before triton's jit runs
 
@@ -58,6 +70,7 @@ def attention_with_stats(
     backend: str = "auto",
     block_q: int | None = None,
     block_k: int | None = None,
+    row_extras: RowExtras | None = None,
 ) -> AttentionStats:
     """Attention output, per-row LSE and the docs/metrics.md §1 statistics, never materialising the map.
 
@@ -83,9 +96,13 @@ def attention_with_stats(
             and keys per tile (default about 1.2M logits a tile); sdpa_recompute: the same for its
             exact pass (default about 1.2M); row_pass: query rows per head (whole rows; block_k is
             unused); triton: BLOCK_M / BLOCK_N, powers of two >= 16 (default 64 / 32).
+        row_extras: a :class:`kernels.long_context.RowExtras` asking for the long-context rows
+            (arg-max key, streaming mass, block-pooled mass) in the same pass. Only row_pass computes
+            them there (``result.rows``); the other backends leave ``rows`` None and the caller runs
+            :func:`kernels.long_context.block_pass` with the LSE (the same numbers, one more pass).
     Returns:
         ``AttentionStats(out [B, Hq, Nq, D] input dtype, lse [B, Hq, Nq] fp32, stats {name: [B, Hq, Nq]},
-        received / received_normalized [B, Hq, Nk] fp32 or None)``.
+        received / received_normalized [B, Hq, Nk] fp32 or None, rows or None)``.
     """
     dims = check_qk(q, k)
     chosen = resolve_backend(backend, q.device)
@@ -97,8 +114,11 @@ def attention_with_stats(
         mask = check_key_padding_mask(key_padding_mask, dims, q.device)
         if block_q is not None:
             block_q = check_block(block_q, "block_q")
+        if row_extras is not None:
+            row_extras = _check_row_extras(row_extras)
         return row_pass.row_pass_attention(q, k, v, dims, causal, mask, resolve_scale(scale, dims.head_dim),
-                                           check_int(local_window, "local_window", low=0), received, block_q)
+                                           check_int(local_window, "local_window", low=0), received, block_q,
+                                           row_extras)
     if chosen == "sdpa_recompute" or (backend == "auto" and chosen == "chunked"):
         reason = sdpa_lse.unsupported_reason(q, dims, causal)
         if reason is None:

@@ -31,9 +31,23 @@ from .validation import check_block, check_int, resolve_scale
 _TILE_ELEMENTS = 2_400_000  # logits per tile (about 10 MB fp32)
 
 
+@dataclass(frozen=True)
+class RowExtras:
+    """Ask :func:`kernels.attention_with_stats` for the long-context rows in the same pass (row_pass
+    backend): the arg-max key, the streaming mass (first ``sinks`` keys plus the row's last
+    ``window``) and, when ``block_size`` is set, the block-pooled mass with blocks of that size.
+    They come back as ``AttentionStats.rows``, a :class:`BlockPass` with a leading batch axis."""
+
+    sinks: int = 4
+    window: int = 256
+    block_size: int | None = 64
+
+
 @dataclass
 class BlockPass:
     """Result of :func:`block_pass` (one sample).
+
+    Shapes are per sample; ``AttentionStats.rows`` (:class:`RowExtras`) adds a leading batch axis.
 
     Attributes:
         argmax: int64 ``[Hq, N]`` key index of each row's largest probability (-1 for a row that sees no key).

@@ -32,6 +32,9 @@ class AttentionStats:
             (zero for rows that see no key), or ``None`` when not computed.
         received, received_normalized: per-key received mass ``c``, ``ĉ`` ``[B, Hq, Nk]`` fp32
             when asked for (``attention_with_stats(..., received=True)``), else None.
+        rows: the long-context rows (``kernels.long_context.BlockPass`` with a leading batch axis:
+            argmax / argmax_prob / streaming ``[B, Hq, Nq]``, block_mass ``[B, Hq, nqb, nkb]``) when
+            asked for with ``row_extras`` and the backend computes them in its pass, else None.
     """
 
     out: torch.Tensor
@@ -39,6 +42,7 @@ class AttentionStats:
     stats: dict[str, torch.Tensor] | None
     received: torch.Tensor | None = None
     received_normalized: torch.Tensor | None = None
+    rows: object | None = None
 
     def stat(self, name: str) -> torch.Tensor:
         """Return one statistic ``[B, Hq, Nq]`` by name, with a clear error if absent."""

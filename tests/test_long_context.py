@@ -50,6 +50,50 @@ def test_block_pass_equals_materialised_map(causal, hq, hkv, n, bs, window, sink
     assert got.block_mass == pytest.approx(pooled, abs=1e-5)
 
 
+@pytest.mark.parametrize("causal,pad,hq,hkv,bs,block_q", [
+    (True, False, 4, 2, 16, None), (True, True, 4, 4, 32, 64), (False, True, 3, 1, 16, None), (False, False, 2, 2, 64, 64),
+])
+def test_row_pass_rows_equal_materialised_map(causal, pad, hq, hkv, bs, block_q):
+    """The long-context rows the row_pass loop computes in the forward's own pass (RowExtras) equal the
+    straightforward computation on the map, sample by sample, padding included."""
+    from kernels import attention_with_stats, cpu_fused
+
+    if cpu_fused.row_softmax() is None:
+        pytest.skip("no C compiler: the row pass is not built")
+    torch.manual_seed(hq + bs)
+    n, lengths = 150, [150, 111] if pad else [150, 150]
+    q, k, v = torch.randn(2, hq, n, 16) * 1.5, torch.randn(2, hkv, n, 16) * 1.5, torch.randn(2, hkv, n, 16)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None] if pad else None
+    settings = LongContextSettings(block_size=bs, window=30, sinks=3, stride=8)
+    got = attention_with_stats(q, k, v, causal=causal, key_padding_mask=mask, backend="row_pass", block_q=block_q,
+                               row_extras=lck.RowExtras(sinks=3, window=30, block_size=bs)).rows
+    for b, length in enumerate(lengths):
+        probs, _, _ = reference_probs(q[b:b + 1, :, :length], k[b:b + 1, :, :length], causal=causal)
+        expected = map_rows(probs[0], causal=causal, settings=settings)
+        nb = -(-length // bs)
+        assert torch.equal(got.argmax[b, :, :length], expected.argmax)
+        assert got.argmax_prob[b, :, :length] == pytest.approx(expected.argmax_prob, abs=1e-6)
+        assert got.streaming[b, :, :length] == pytest.approx(expected.streaming, abs=1e-5)
+        assert got.block_mass[b, :, :nb, :nb] == pytest.approx(expected.block_mass, abs=1e-5)
+        assert float(got.block_mass[b, :, nb:].abs().sum()) == 0.0  # padding rows add nothing
+        assert (got.argmax[b, :, length:] == -1).all()
+
+
+def test_row_extras_bad_inputs():
+    from kernels import attention_with_stats, cpu_fused
+
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 48, 8), torch.randn(1, 2, 48, 8)
+    with pytest.raises(ValueError, match="block_size"):
+        attention_with_stats(q, k, v, backend="row_pass", row_extras=lck.RowExtras(block_size=0))
+    if cpu_fused.row_softmax() is not None:
+        with pytest.raises(ValueError, match="Nq == Nk"):
+            attention_with_stats(q, k, v, backend="row_pass", row_extras=lck.RowExtras())
+        with pytest.raises(ValueError, match="multiple of the pooled-mass block size"):
+            attention_with_stats(q, k[:, :, :40], v[:, :, :40], backend="row_pass", block_q=16,
+                                 row_extras=lck.RowExtras(block_size=32))
+    assert attention_with_stats(q, k, v, backend="chunked", row_extras=lck.RowExtras(block_size=None)).rows is None
+
+
 def test_block_density_counts_fewest_blocks():
     mass = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.45, 0.0], [0.05, 0.45, 0.5]]])  # [H=1, nqb=3, nkb=3]
     visible = torch.tensor([1, 2, 3])

@@ -16,7 +16,9 @@ other's settings:
 - ``edits``: the interventions (:class:`workbench.head_edits.HeadEdits`): pattern-level kinds on the
   head's probabilities (the map when it exists, exact row blocks recomputed from the LSE when
   not), output-level kinds on ``z [B, Nq, Hq, d]`` before ``W_O``: one implementation, every backend;
-- ``recorders``: callbacks ``(call, result)`` fed each layer's result (the statistics stream).
+- ``recorders``: callbacks ``(call, result)`` fed each layer's result (the statistics stream). A
+  recorder with a ``row_extras`` attribute (:class:`kernels.long_context.RowExtras`) asks the stats
+  backend for the long-context rows in the same pass (``result.rows`` where the kernel gives them).
 
 Attention modules the bridge does not map to a layer (a vision tower) run exact SDPA untouched.
 """
@@ -115,6 +117,7 @@ class CallState:
     recorders: Sequence[Recorder] = field(default_factory=tuple)
     local_window: int = 8
     stop_after_layer: int | None = None
+    row_extras: object | None = None
 
 
 class StopForward(Exception):
@@ -154,8 +157,9 @@ def workbench_attention(module, query, key, value, attention_mask, scaling=None,
     elif backend == "stats":
         from kernels import attention_with_stats
 
+        extras = state.row_extras if query.shape[2] == key.shape[2] else None
         result = attention_with_stats(query, key, value, causal=causal, key_padding_mask=mask, scale=scale,
-                                      local_window=state.local_window, received=True)
+                                      local_window=state.local_window, received=True, row_extras=extras)
         if edits is not None:
             edits.apply_pattern_edits_stats(call, result, state.local_window)
     elif backend == "sdpa":

@@ -51,7 +51,9 @@ def bridge_call(model, key_padding_mask: torch.Tensor | None, *, backend: str | 
     mask = None if key_padding_mask is None else key_padding_mask.to(device=device, dtype=torch.bool)
     with model.lock:
         saved = [(config, config._attn_implementation) for config in layout.configs]
-        token = STATE.set(CallState(layout.sites, mask, backend, edits, tuple(recorders), local_window, stop_after_layer))
+        row_extras = next((r.row_extras for r in recorders if getattr(r, "row_extras", None) is not None), None)
+        token = STATE.set(CallState(layout.sites, mask, backend, edits, tuple(recorders), local_window, stop_after_layer,
+                                    row_extras))
         try:
             for component in layout.components:
                 object.__setattr__(component, "forward", types.MethodType(AttentionBridge.forward, component))

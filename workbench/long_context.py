@@ -4,8 +4,10 @@
 (requested with ``long_context=LongContextSettings(...)``; the pipeline asks for it only when the
 ``retrieval`` or ``sparsity`` probe runs) and handles each sample at its real length:
 
-- stats mode (``AttentionStats`` with an LSE): :func:`kernels.long_context.block_pass` recomputes
-  the exact probabilities tile by tile from q, k and the saved LSE (no ``[q, k]`` map is kept);
+- stats mode (``AttentionStats``): the recorder's ``row_extras`` asks the kernel for the rows in
+  its own pass (the CPU ``row_pass`` backend computes them while each row is in cache); where the
+  backend does not, :func:`kernels.long_context.block_pass` recomputes the exact probabilities tile
+  by tile from q, k and the saved LSE (no ``[q, k]`` map is kept either way);
 - patterns mode (``EagerResult`` with the map): the same quantities straight from the map.
 
 Both then score the cheap block selectors (XAttention's antidiagonal scorer and the HeSS
@@ -124,6 +126,14 @@ def block_metrics(mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, *, causa
     return out
 
 
+def _sample_rows(rows: lck.BlockPass, b: int, heads: torch.Tensor, n: int, block_size: int) -> lck.BlockPass:
+    """Sample ``b``'s selected heads, first ``n`` positions, of the kernel's batched rows."""
+    nb = -(-n // block_size)
+    mass = None if rows.block_mass is None else rows.block_mass[b, heads, :nb, :nb]
+    return lck.BlockPass(argmax=rows.argmax[b, heads, :n], argmax_prob=rows.argmax_prob[b, heads, :n],
+                         streaming=rows.streaming[b, heads, :n], block_mass=mass)
+
+
 class LongContextRecorder:
     """Forward recorder filling the ``lc.*`` extras (module docstring) for the selected heads.
 
@@ -144,6 +154,7 @@ class LongContextRecorder:
         self.blocks = {name: torch.full((B, L, H), float("nan")) for name in BLOCK_METRICS} if settings.blocks else {}
         self.chunk: TokenBatch | None = None
         self.first = 0
+        self.row_extras = lck.RowExtras(settings.sinks, settings.window, settings.block_size if settings.blocks else None)
 
     def start(self, chunk: TokenBatch, first_row: int) -> None:
         """Point the recorder at the samples ``chunk`` (rows from ``first_row``)."""
@@ -164,6 +175,8 @@ class LongContextRecorder:
             probs = getattr(result, "probs", None)
             if probs is not None:
                 rows = map_rows(probs[b, self.heads, :n, :n].detach(), causal=call.causal, settings=st)
+            elif getattr(result, "rows", None) is not None:
+                rows = _sample_rows(result.rows, b, self.heads, n, st.block_size)
             else:
                 lse = result.lse[b, self.heads, :n].float()
                 rows = lck.block_pass(q, k, lse, causal=call.causal, scale=call.scale, block_size=st.block_size,

@@ -14,6 +14,12 @@
  *       ent = log l - sum_j e (s - mx) / l                        (the entropy, -sum p log p)
  *       dist = sum_j e_ij w_ij / l   with w_ij = pos_r - jpos_j, or |pos_r - jpos_j| when absmode
  *       col[h * ldc + j] += e_ij / l when col is given (the received mass of key j, per head).
+ * With `amax` given (the long-context rows, kernels/long_context.py), it also writes per row
+ *       amax = the first visible key holding the row max (-1 for a dead row)
+ *       stream = sum_j e_ij / l over the first `sinks` keys plus keys pos_r - window < j <= pos_r
+ *   and, with `bmass` given ([heads, nqb, nkb], rows of this call starting at query block qb0 and
+ *   blocks of `bs` rows/keys), adds each row's mass per key block: bmass[h, qb0 + r/bs, u] +=
+ *   sum_{j in block u} e_ij / l. Query rows of one call must start at a block boundary.
  * Rows whose live entry is 0 (they see no key) are zeroed and get lse = -inf and zero sums.
  * Single-threaded: the caller runs query blocks on a thread pool (ctypes releases the GIL).
  * Compiled with -O3 -march=native -ffast-math: exp is glibc's vectorised expf (libmvec).
@@ -55,10 +61,38 @@ static inline float row_exp(float *restrict s, int64_t m, float mx, const float 
     return l;
 }
 
+static inline int64_t first_max(const float *restrict s, int64_t m, float mx, const float *restrict km) {
+    for (int64_t j = 0; j < m; ++j) {
+        if (s[j] == mx && (!km || km[j] != 0.f)) return j;
+    }
+    return -1;
+}
+
+static inline float range_sum(const float *restrict e, int64_t j0, int64_t j1) {
+    float acc = 0.f;
+    for (int64_t j = j0; j < j1; ++j) acc += e[j];
+    return acc;
+}
+
+/* the streaming keys of a row at position pos that sees m keys: j < sinks, and pos - window < j <= pos */
+static inline float streaming_sum(const float *restrict e, int64_t m, int64_t pos, int64_t sinks, int64_t window) {
+    int64_t head = sinks < m ? sinks : m;
+    int64_t lo = pos - window + 1, hi = pos + 1 < m ? pos + 1 : m;
+    if (lo < head) lo = head;
+    return range_sum(e, 0, head) + (window > 0 && lo < hi ? range_sum(e, lo, hi) : 0.f);
+}
+
+static inline void add_block_mass(const float *restrict e, int64_t m, int64_t bs, float il, float *restrict out) {
+    for (int64_t j0 = 0, u = 0; j0 < m; j0 += bs, ++u) {
+        out[u] += range_sum(e, j0, j0 + bs < m ? j0 + bs : m) * il;
+    }
+}
+
 void row_softmax(float *s, int64_t heads, int64_t n, int64_t nk, int64_t vis_base, const float *keymask,
                  int64_t ldk, int64_t heads_per_batch, const uint8_t *live, const float *jpos, float pos0,
                  int32_t absmode, float *lse, float *inv_l, float *pmax, float *ent, float *dist,
-                 float *col, int64_t ldc) {
+                 float *col, int64_t ldc, int64_t *amax, float *stream, int64_t sinks, int64_t window,
+                 float *bmass, int64_t bs, int64_t qb0, int64_t nqb, int64_t nkb) {
     for (int64_t h = 0; h < heads; ++h) {
         const float *km = keymask ? keymask + (h / heads_per_batch) * ldk : 0;
         float *colh = col ? col + h * ldc : 0;
@@ -70,9 +104,14 @@ void row_softmax(float *s, int64_t heads, int64_t n, int64_t nk, int64_t vis_bas
                 memset(sr, 0, (size_t)nk * sizeof(float));
                 lse[row] = -INFINITY;
                 inv_l[row] = pmax[row] = ent[row] = dist[row] = 0.f;
+                if (amax) {
+                    amax[row] = -1;
+                    stream[row] = 0.f;
+                }
                 continue;
             }
             float mx = row_max(sr, m, km);
+            if (amax) amax[row] = first_max(sr, m, mx, km);
             float ex, ew;
             float l = km ? row_exp(sr, m, mx, km, jpos, pos0 + (float)r, absmode, &ex, &ew)
                          : row_exp(sr, m, mx, 0, jpos, pos0 + (float)r, absmode, &ex, &ew);
@@ -86,6 +125,8 @@ void row_softmax(float *s, int64_t heads, int64_t n, int64_t nk, int64_t vis_bas
             if (colh) {
                 for (int64_t j = 0; j < m; ++j) colh[j] += sr[j] * il;
             }
+            if (amax) stream[row] = streaming_sum(sr, m, (int64_t)pos0 + r, sinks, window) * il;
+            if (bmass) add_block_mass(sr, m, bs, il, bmass + (h * nqb + qb0 + r / bs) * nkb);
         }
     }
 }
