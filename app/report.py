@@ -7,13 +7,22 @@ import html
 import pandas as pd
 import plotly.io as pio
 
-from probes.figures import head_heatmap
+from probes.figures import head_heatmap, taxonomy_scatter, taxonomy_table
 
 
 def build_report(heads: pd.DataFrame, manifest: dict, top_k: int = 5) -> str:
-    """One HTML page: run facts, a top-heads table and a layer × head heatmap per metric."""
+    """One HTML page: run facts, a top-heads table, the long-context taxonomy scatter (when the run
+    has the retrieval and sparsity probes) and a layer × head heatmap per metric."""
     parts = []
     first = True
+    taxonomy = ""
+    if {"retrieval_score", "streaming_mass"} <= set(heads["metric"]):
+        kv = manifest.get("kv_saliency") or {}
+        note = f"<br><sup>KV saliency: {kv['mean']:.1%} of tokens hold {kv.get('keep', 0.9):.0%} of the received " \
+               "mass</sup>" if "mean" in kv else ""
+        fig = taxonomy_scatter(taxonomy_table(heads), title=f"every head by streaming mass and retrieval score{note}")
+        taxonomy = "<h2>Long-context taxonomy</h2>" + pio.to_html(fig, include_plotlyjs=True, full_html=False)
+        first = False
     for (probe, metric), rows in heads.groupby(["probe", "metric"], sort=False):
         fig = head_heatmap(rows, metric, title=f"{probe} / {metric}")
         fig.update_layout(height=max(320, 18 * rows["layer"].nunique() + 120))
@@ -31,6 +40,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
 <table>{facts}</table>
 <h2>Top {top_k} heads per metric</h2>
 {top.to_html(index=False, float_format=lambda x: f"{x:.4g}")}
+{taxonomy}
 <h2>Layer × head maps</h2>
 {''.join(parts)}
 </body></html>"""

@@ -84,3 +84,47 @@ def curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title:
         fig.add_trace(go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title)
     return fig
+
+
+STREAMING_THRESHOLD = 0.95  # streaming_mass above this: a sink + sliding-window KV cache serves the head
+
+
+def taxonomy_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per head from a tidy head table holding the ``retrieval`` and ``sparsity`` metrics:
+    ``layer, head``, one column per metric (the dataset mean) and ``retrieval_ci_low/high``.
+
+    Raises:
+        ValueError: the table lacks ``retrieval_score`` or ``streaming_mass``.
+    """
+    rows = frame[frame["probe"].isin(["retrieval", "sparsity"])]
+    missing = {"retrieval_score", "streaming_mass"} - set(rows["metric"])
+    if missing:
+        raise ValueError(f"the table has no {', '.join(sorted(missing))}: run the retrieval and sparsity probes")
+    wide = rows.pivot_table(index=["layer", "head"], columns="metric", values="value", aggfunc="mean", dropna=False)
+    score = rows[rows["metric"] == "retrieval_score"].set_index(["layer", "head"])
+    wide["retrieval_ci_low"], wide["retrieval_ci_high"] = score["ci_low"], score["ci_high"]
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def taxonomy_scatter(table: pd.DataFrame, *, title: str) -> go.Figure:
+    """Every head at (``streaming_mass``, ``retrieval_score``), coloured by ``block_density_90`` when
+    present; ``customdata = (layer, head, density, ci_low, ci_high, xattn_recall)`` so a click can
+    select the head. ``table``: :func:`taxonomy_table`."""
+    t = table.copy()
+    for col in ("block_density_90", "retrieval_ci_low", "retrieval_ci_high", "xattn_recall"):
+        if col not in t:
+            t[col] = np.nan
+    cols = ["layer", "head", "block_density_90", "retrieval_ci_low", "retrieval_ci_high", "xattn_recall"]
+    hover = ("L%{customdata[0]}H%{customdata[1]}<br>retrieval %{y:.2f} [%{customdata[3]:.2f}, %{customdata[4]:.2f}]"
+             "<br>streaming mass %{x:.3f}<br>block density 90 %{customdata[2]:.3f}"
+             "<br>XAttention recall %{customdata[5]:.3f}<extra></extra>")
+    fig = go.Figure(go.Scatter(
+        x=t["streaming_mass"], y=t["retrieval_score"], mode="markers", customdata=t[cols].to_numpy().tolist(),
+        hovertemplate=hover, marker=dict(size=10, color=t["block_density_90"], colorscale="Viridis", showscale=True,
+                                         colorbar=dict(title="block density 90"), line=dict(width=0.5, color="#333"))))
+    fig.add_vline(x=STREAMING_THRESHOLD, line_dash="dot", annotation_text="sink + window enough",
+                  annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title="streaming_mass (first 4 + last 256 keys)",
+                      yaxis_title="retrieval_score", height=600, clickmode="event", margin=dict(l=60, r=20, t=80, b=50))
+    return fig

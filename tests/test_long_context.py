@@ -376,6 +376,8 @@ def test_cli_needle_run(tmp_path, capsys, tiny_llama):
     assert set(heads["metric"]) == {"retrieval_score", "retrieval_score_generated", "saliency_share_90", *LC_METRICS}
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["kv_saliency"]["per_sample"]) == 2 and len(manifest["generated_answers"]) == 2
+    report = (out / "report.html").read_text()
+    assert "Long-context taxonomy" in report and "streaming_mass (first 4 + last 256 keys)" in report
     assert main(["analyze", "--model", "tiny-llama", "--dataset", "needle", "--probes", "stats", "--generate",
                  "--out", str(tmp_path / "no")]) == 2
     assert "add retrieval to --probes" in capsys.readouterr().err

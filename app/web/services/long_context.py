@@ -18,12 +18,12 @@ import plotly.graph_objects as go
 from app.web.jobs import JobContext
 from app.web.services.analysis import run_pipeline
 from app.web.services.workspace import Workspace
+from probes.figures import taxonomy_scatter, taxonomy_table
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-STREAMING_THRESHOLD = 0.95
 
 
 @dataclass
@@ -72,7 +72,6 @@ def start_taxonomy(ws: Workspace, model_name: str, seq_len, depths) -> str:
 
 
 def build_taxonomy(model_name: str, seq_len: int, depths: list[float], ctx: JobContext) -> Taxonomy:
-    from probes.base import mean_and_ci
     from workbench.data import datasets_dir
     from workbench.model import load_model
     from workbench.needle import generate_needles
@@ -86,38 +85,17 @@ def build_taxonomy(model_name: str, seq_len: int, depths: list[float], ctx: JobC
     if result.notes:
         raise InputError("; ".join(f"{k}: {v}" for k, v in result.notes.items()))
     ctx.check()
-    grid_l, grid_h = np.meshgrid(result.layers, result.heads, indexing="ij")
-    table = pd.DataFrame({"layer": grid_l.ravel(), "head": grid_h.ravel()})
-    for probe in result.probes.values():
-        for metric, values in probe.per_sample_.items():
-            mean, low, high = mean_and_ci(values)
-            table[metric] = np.asarray(mean).ravel()
-            if metric == "retrieval_score":
-                table["retrieval_ci_low"], table["retrieval_ci_high"] = np.asarray(low).ravel(), np.asarray(high).ravel()
+    table = taxonomy_table(result.table)
     desc = f"{model_name}, {len(batch)} needle samples of {seq_len} tokens (depths {', '.join(f'{d:.0%}' for d in depths)})"
     return Taxonomy(table, batch, model_name, desc, result.probes["sparsity"].kv_saliency_)
 
 
 def taxonomy_figure(tax: Taxonomy) -> go.Figure:
-    """Every head at (streaming_mass, retrieval_score), coloured by block_density_90;
-    ``customdata = (layer, head, ...)`` so a click selects the head."""
-    t = tax.table
-    cols = ["layer", "head", "block_density_90", "retrieval_ci_low", "retrieval_ci_high", "xattn_recall"]
-    hover = ("L%{customdata[0]}H%{customdata[1]}<br>retrieval %{y:.2f} [%{customdata[3]:.2f}, %{customdata[4]:.2f}]"
-             "<br>streaming mass %{x:.3f}<br>block density 90 %{customdata[2]:.3f}"
-             "<br>XAttention recall %{customdata[5]:.3f}<extra></extra>")
-    fig = go.Figure(go.Scatter(
-        x=t["streaming_mass"], y=t["retrieval_score"], mode="markers", customdata=t[cols].to_numpy().tolist(),
-        hovertemplate=hover, marker=dict(size=10, color=t["block_density_90"], colorscale="Viridis", showscale=True,
-                                         colorbar=dict(title="block density 90"), line=dict(width=0.5, color="#333"))))
-    fig.add_vline(x=STREAMING_THRESHOLD, line_dash="dot", annotation_text="sink + window enough",
-                  annotation_position="top left")
+    """Every head at (streaming_mass, retrieval_score), coloured by block_density_90
+    (:func:`probes.figures.taxonomy_scatter`); a click selects the head."""
     kv = tax.kv_saliency
-    fig.update_layout(title=f"{tax.description}<br><sup>KV saliency: {kv['mean']:.1%} of tokens hold "
-                            f"{kv['keep']:.0%} of the received mass</sup>",
-                      xaxis_title="streaming_mass (first 4 + last 256 keys)", yaxis_title="retrieval_score",
-                      height=600, clickmode="event", margin=dict(l=60, r=20, t=80, b=50))
-    return fig
+    return taxonomy_scatter(tax.table, title=f"{tax.description}<br><sup>KV saliency: {kv['mean']:.1%} of tokens "
+                                             f"hold {kv['keep']:.0%} of the received mass</sup>")
 
 
 def sample_options(tax: Taxonomy) -> list[dict]:
