@@ -75,3 +75,13 @@ def test_detector_rows_on_repeated_block():
     torch.testing.assert_close(rows["induction_mass"][0, 0, L + 1:], torch.ones(L))
     assert torch.isnan(rows["duplicate_mass"][0, 0, : L + 1]).all()
     torch.testing.assert_close(rows["duplicate_mass"][0, 0, L + 1:], torch.zeros(L))
+
+
+def test_row_labels_never_crowd_each_other():
+    """The strongest keys of a long row are labelled only where their labels cannot overlap."""
+    from app.web.services.patterns import spaced_labels
+
+    top = [(0, "<s>", 0.9), (668, " letting", 0.014), (670, " sleep", 0.009), (581, ".", 0.006), (663, " returned", 0.005)]
+    assert spaced_labels(top, 675) == ["0:'<s>'", "668:' letting'", "", "581:'.'", ""]
+    assert spaced_labels(top, 675, count=1) == ["0:'<s>'", "", "", "", ""]
+    assert spaced_labels(top[1:3], 10) == ["668:' letting'", "670:' sleep'"]  # zoomed in: room for both

@@ -93,11 +93,30 @@ def test_screenshots(dash_duo, make_app, ui, tmp_path, smollm2):
         dash_duo.select_dcc_dropdown("#intervene-head", value=str(int(r.head)))
         dash_duo.find_element("#intervene-add").click()
         ui.wait_until(lambda r=r: f"L{int(r.layer)}H{int(r.head)} zero" in ui.text("#intervene-list"), 20, "item")
+    dash_duo.find_element("#intervene-target-text").send_keys(" apples")  # what induction predicts here
     dash_duo.find_element("#intervene-run").click()
     ui.wait_until(lambda: dash_duo.driver.find_elements("css selector", "#intervene-topk table"), 400, "comparison")
+    ui.wait_until(lambda: "apples" in ui.text("#intervene-target"), 60, "the target token's logit")
     dash_duo.wait_for_element("#intervene-delta .heatmaplayer", timeout=400)  # the follow-up streams in
     ui.settle(1.5)
     shoot(dash_duo, "intervene", 1900)
+
+    ui.go_to("/long-context", "#lc-run")
+    dash_duo.select_dcc_dropdown("#lc-length", value="1024")
+    dash_duo.find_element("#lc-run").click()
+    ui.wait_until(lambda: dash_duo.driver.find_elements("css selector", "#lc-graph .scatterlayer .point"), 900,
+                  "the taxonomy points")
+    ui.settle(1.5)
+    point = dash_duo.driver.execute_script(  # the head with the highest retrieval score (topmost point)
+        "const pts = [...document.querySelectorAll('#lc-graph .scatterlayer .point')]"
+        ".map(p => p.getBoundingClientRect()).sort((a, b) => a.top - b.top);"
+        "return [pts[0].left + pts[0].width / 2, pts[0].top + pts[0].height / 2];")
+    ActionChains(dash_duo.driver).move_to_location(int(point[0]), int(point[1])).pause(0.3).click().perform()
+    dash_duo.wait_for_element("#lc-thumb .heatmaplayer", timeout=300)
+    ui.wait_until(lambda: "rows that predict the answer" in ui.text("#lc-row"), 300, "the needle rows")
+    ui.settle(1.5)
+    dash_duo.driver.execute_script("window.scrollTo(0, 0)")
+    shoot(dash_duo, "long-context", 1700)
 
     ui.go_to("/runs", "#runs-open")
     dash_duo.find_element("#runs-path").send_keys(str(tmp_path / "runs" / "smollm2-135m-induction"))

@@ -215,7 +215,7 @@ def row_view(analysis: Analysis, layer: int, head: int, query: int | None,
     if top and end - start > ROW_EXACT:
         fig.add_trace(go.Scatter(x=[p for p, _, _ in top], y=[w for _, _, w in top], mode="markers+text",
                                  name=f"top-{len(top)} keys",
-                                 text=[f"{p}:{t!r}" if i < ROW_TOP_LABELS else "" for i, (p, t, _) in enumerate(top)],
+                                 text=spaced_labels(top, end - start),
                                  textposition="top center", marker=dict(color="#d62728", symbol="diamond", size=9),
                                  customdata=[repr(t) for _, t, _ in top],
                                  hovertemplate="key %{x}: %{customdata}<br>weight %{y:.4f}<extra></extra>"))
@@ -225,6 +225,20 @@ def row_view(analysis: Analysis, layer: int, head: int, query: int | None,
     if log:
         fig.update_yaxes(type="log")
     return fig
+
+
+def spaced_labels(top: list[tuple[int, str, float]], span: int, count: int = ROW_TOP_LABELS,
+                  gap: float = 0.12) -> list[str]:
+    """Plot labels ``"pos:'token'"`` for the strongest of ``top`` (strongest first), at most ``count``,
+    skipping a key closer than ``gap`` of the shown ``span`` to one already labelled (their labels
+    would overlap); the others get "" (they keep their marker, hover and table row)."""
+    labels, placed = [], []
+    for pos, token, _ in top:
+        free = len(placed) < count and all(abs(pos - other) >= gap * span for other in placed)
+        labels.append(f"{pos}:{token!r}" if free else "")
+        if free:
+            placed.append(pos)
+    return labels
 
 
 def top_keys_of(weights: torch.Tensor, tokens: list[str], k: int, start: int = 0,
