@@ -9,7 +9,8 @@
    tokenizes the inputs and runs every cheap check (layers, heads, interventions, probes);
 3. the dataset is cut into contiguous shards (:func:`probes.sharded.plan_shards`); each actor runs
    :func:`probes.pipeline.analyze` on one shard at a time and returns only mergeable aggregates
-   (:class:`probes.sharded.ShardResult`: moments ``[L, H]`` per metric, sink flags);
+   (:class:`probes.sharded.ShardResult`: moments ``[L, H]`` per metric, sink flags, and the
+   long-context probes' per-sample KV saliency shares and greedy answers);
 4. the driver merges them (:func:`probes.sharded.finish`) into the table a one-process run gives.
 
 With ``resume_dir`` every finished shard is written there (safetensors, never pickle) and a

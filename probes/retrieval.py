@@ -101,6 +101,11 @@ class Retrieval(Probe):
         if "retrieval_score_generated" in self._wanted() and not model.causal:
             raise InputError(f"{model.name} is an encoder: retrieval_score_generated needs a causal language model")
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """Nothing beyond the capture, except with ``generate``: per sample a greedy answer (about one
+        forward of the prompt; the answer's few tokens reuse its cache) and a second capture with it."""
+        return 2.0 * samples if "retrieval_score_generated" in self._wanted() else None
+
     def fit(self, capture: Capture | None = None, *, model=None, batch: TokenBatch | None = None) -> "Retrieval":
         """Scores from ``capture`` (its ``lc.argmax`` rows, recaptured with ``model`` when missing)."""
         self.check_inputs(capture, model, batch)
@@ -118,6 +123,20 @@ class Retrieval(Probe):
             self.per_sample_["retrieval_score"] = self._scores(cap, spans, cap.tokens)
         if "retrieval_score_generated" in wanted:
             self.per_sample_["retrieval_score_generated"] = self._generated(cap, spans, model)
+        self._summarise()
+        return self
+
+    def fit_without_needles(self, n_samples: int, layers: Sequence[int], heads: Sequence[int]) -> "Retrieval":
+        """What ``fit`` gives on ``n_samples`` samples none of which has a needle (every score NaN),
+        without a forward: a shard of a sharded run (:mod:`probes.sharded`) that holds no needle."""
+        self.check_params()
+        self.metrics_ = self._wanted()
+        self.layers_, self.heads_ = list(layers), list(heads)
+        self.n_needle_samples_ = 0
+        empty = torch.full((n_samples, len(self.layers_), len(self.heads_)), float("nan"))
+        self.per_sample_ = {m: empty.clone() for m in self.metrics_}
+        if "retrieval_score_generated" in self.metrics_:
+            self.generated_, self.answer_correct_ = [None] * n_samples, [None] * n_samples
         self._summarise()
         return self
 

@@ -25,6 +25,14 @@ What merges exactly (each probe's dataset-level value, and its mergeable state):
 - ``hess`` scores its own calibration sets (the first ``n_calibration`` samples, normalised by
   ratio of means with a bootstrap interval), not the dataset's shards: refused.
 - ``resample`` interventions pair sample ``b`` with reference sample ``b + 1``: refused.
+- ``retrieval`` and ``sparsity`` (docs/metrics.md §10): every metric is a mean over per-sample values,
+  each sample taken at its real length (NaN, left out, where a sample has no needle or no generated
+  answer) -> moments. A shard without any needle sample scores NaN for all of them without a
+  forward (:meth:`probes.retrieval.Retrieval.fit_without_needles`). The dataset-level facts are
+  per sample too: each shard returns in ``info`` the sparsity probe's KV saliency shares and the
+  retrieval probe's needle count and greedy answers, and :func:`finish` concatenates them in sample
+  order and rebuilds ``kv_saliency_`` (mean and interval over samples), ``generated_`` and
+  ``answer_correct_`` as one process gives them.
 
 Shard results are written as safetensors (with a JSON header), never pickle.
 """
@@ -53,7 +61,7 @@ __all__ = ["ShardResult", "check_shardable", "finish", "load_shard", "plan_shard
 
 # probe -> metrics a shard cannot compute on its own (their reference is the rest of the batch)
 _NOT_SHARDABLE = {"importance": ("ablation_mean", "ablation_resample")}
-_SHARDABLE_PROBES = ("stats", "detectors", "sinks", "importance", "vhd")
+_SHARDABLE_PROBES = ("stats", "detectors", "sinks", "importance", "vhd", "retrieval", "sparsity")
 
 
 @dataclass
@@ -65,7 +73,9 @@ class ShardResult:
         moments: ``"probe/metric"`` -> moments ``[L_sel, H_sel]`` (``"importance/gradient_raw"``:
             ``[n_layers, Hq]`` raw gradients).
         flags: ``"sinks/flagged"`` -> ``[n_layers, D]`` bool (dimension passed in that layer).
-        info: JSON-able facts: per probe ``metrics``, ``layers``, ``heads`` (and ``sink_dims``),
+        info: JSON-able facts: per probe ``metrics``, ``layers``, ``heads`` (and ``sink_dims``;
+            ``retrieval``: ``n_needle_samples``, with generation ``generated``/``answer_correct``
+            per sample; ``sparsity``: ``kv_saliency``, the per-sample KV saliency shares),
             ``mode``, ``notes``, ``compute_s``.
     """
 
@@ -121,13 +131,23 @@ def run_shard(model, shard: TokenBatch, probes: Sequence[Probe], index: int, sta
     from probes.pipeline import analyze
 
     began = time.perf_counter()
-    result = analyze(model, shard, probes=fresh_probes(probes), mode=mode or "auto", layers=layers, heads=heads,
-                     interventions=interventions, batch_size=batch_size, local_window=local_window,
-                     progress=False, on_error=on_error)
-    out = ShardResult(index, start, stop, info={"probes": {}, "notes": dict(result.notes), "mode": result.mode})
-    for name, probe in result.probes.items():
+    probes = fresh_probes(probes)
+    # the retrieval probe refuses a batch without needles; on a shard of the whole (checked) batch
+    # such samples only score NaN, so a shard without any is "fitted" without a forward
+    has_needle = any(m.get("kind") == "needle" for m in shard.meta)
+    needle_free = [p for p in probes if p.name == "retrieval" and not has_needle]
+    rest = [p for p in probes if p not in needle_free]
+    fitted, notes, used_mode = {}, {}, mode
+    if rest:
+        result = analyze(model, shard, probes=rest, mode=mode or "auto", layers=layers, heads=heads,
+                         interventions=interventions, batch_size=batch_size, local_window=local_window,
+                         progress=False, on_error=on_error)
+        fitted, notes, used_mode = dict(result.probes), dict(result.notes), result.mode
+    fitted |= {p.name: p.fit_without_needles(len(shard), layers, heads) for p in needle_free}
+    out = ShardResult(index, start, stop, info={"probes": {}, "notes": notes, "mode": used_mode})
+    for name, probe in fitted.items():
         facts = {"metrics": list(probe.metrics_), "layers": [int(x) for x in probe.layers_],
-                 "heads": [int(x) for x in probe.heads_]}
+                 "heads": [int(x) for x in probe.heads_], **_per_sample_facts(probe)}
         for metric, values in probe.per_sample_.items():
             out.moments[f"{name}/{metric}"] = MomentSums.from_samples(values)
         if name == "importance" and hasattr(probe, "gradient_raw_"):
@@ -138,6 +158,31 @@ def run_shard(model, shard: TokenBatch, probes: Sequence[Probe], index: int, sta
         out.info["probes"][name] = facts
     out.info["compute_s"] = time.perf_counter() - began
     return out
+
+
+def _per_sample_facts(probe: Probe) -> dict:
+    """Per-sample values a fitted probe keeps beyond its metrics (the merge concatenates them):
+    the sparsity probe's KV saliency shares, the retrieval probe's needle count and greedy answers."""
+    if probe.name == "sparsity":
+        return {"kv_saliency": probe.kv_saliency_["per_sample"]}
+    if probe.name != "retrieval":
+        return {}
+    facts = {"n_needle_samples": int(probe.n_needle_samples_)}
+    if hasattr(probe, "generated_"):
+        facts |= {"generated": list(probe.generated_), "answer_correct": list(probe.answer_correct_)}
+    return facts
+
+
+def _merge_per_sample_facts(probe: Probe, facts: Sequence[dict]) -> None:
+    """Set on the merged ``probe`` what :func:`_per_sample_facts` kept, over the shards in sample order."""
+    if "kv_saliency" in facts[0]:
+        shares = [x for f in facts for x in f["kv_saliency"]]
+        probe.set_kv_saliency(torch.tensor(shares, dtype=torch.float64))
+    if "n_needle_samples" in facts[0]:
+        probe.n_needle_samples_ = sum(f["n_needle_samples"] for f in facts)
+    if "generated" in facts[0]:
+        probe.generated_ = [x for f in facts for x in f["generated"]]
+        probe.answer_correct_ = [x for f in facts for x in f["answer_correct"]]
 
 
 def sinks_reruns(probes: dict[str, Probe], results: Sequence[ShardResult]) -> tuple[Probe | None, list[int]]:
@@ -174,7 +219,8 @@ def merge_rerun(result: ShardResult, rerun: ShardResult) -> ShardResult:
 def finish(probes: dict[str, Probe], results: Sequence[ShardResult], layers: Sequence[int],
            heads: Sequence[int]) -> tuple[pd.DataFrame, dict[str, Probe], dict[str, str]]:
     """Merge every shard and fill each probe's ``metrics_``, ``layers_``, ``heads_``, ``mean_``,
-    ``ci_low_``, ``ci_high_`` (and ``moments_``: metric -> merged :class:`MomentSums`).
+    ``ci_low_``, ``ci_high_`` (and ``moments_``: metric -> merged :class:`MomentSums`; the
+    per-sample facts of :func:`_per_sample_facts`, e.g. ``kv_saliency_``).
 
     Returns:
         ``(table, fitted probes, notes)``; the table as :func:`probes.pipeline.analyze` builds it.
@@ -202,6 +248,7 @@ def finish(probes: dict[str, Probe], results: Sequence[ShardResult], layers: Seq
             probe.mean_[metric], probe.ci_low_[metric], probe.ci_high_[metric] = moments.mean_ci(
                 bounds=probe.bounds.get(metric))
         probe.n_samples_ = n_samples
+        _merge_per_sample_facts(probe, [r.info["probes"][name] for r in results])
         fitted[name] = probe
     table = concat_frames([p.to_frame() for p in fitted.values()])
     table = table[table["layer"].isin(layers) & table["head"].isin(heads)].reset_index(drop=True)

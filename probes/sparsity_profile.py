@@ -118,10 +118,14 @@ class SparsityProfile(Probe):
             elif metric == "saliency_share_90":
                 self.per_sample_[metric] = saliency_share(cap.received_normalized, mask, self.keep)
         pooled = cap.received_normalized.mean(dim=(1, 2))  # [S, N]: one saliency per token
-        per_sample = saliency_share(pooled, cap.mask, self.keep)
+        self.set_kv_saliency(saliency_share(pooled, cap.mask, self.keep))
+        self._summarise()
+        return self
+
+    def set_kv_saliency(self, per_sample: torch.Tensor) -> None:
+        """``kv_saliency_`` (and ``kv_saliency_share_90_``) from the per-sample shares ``[S]``; a
+        sharded run (:mod:`probes.sharded`) calls it with every shard's shares in sample order."""
         mean, low, high = mean_and_ci(per_sample[:, None])
         self.kv_saliency_share_90_ = float(mean[0])
         self.kv_saliency_ = {"keep": self.keep, "mean": float(mean[0]), "ci_low": float(low[0]),
                              "ci_high": float(high[0]), "per_sample": per_sample.tolist()}
-        self._summarise()
-        return self

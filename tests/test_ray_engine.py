@@ -41,13 +41,14 @@ def local_table(smollm2):
     return analyze(smollm2, batch, probes="stats,detectors,sinks", progress=False).table
 
 
-def assert_same_table(got: pd.DataFrame, want: pd.DataFrame) -> None:
+def assert_same_table(got: pd.DataFrame, want: pd.DataFrame, probes=("stats", "detectors", "sinks"),
+                      tol: float = 1e-5) -> None:
     assert list(got.columns) == list(want.columns) and got[KEYS].equals(want[KEYS])
-    assert set(got["probe"]) == {"stats", "detectors", "sinks"}
+    assert set(got["probe"]) == set(probes)
     for column in ("value", "ci_low", "ci_high"):
         a, b = want[column].to_numpy(float), got[column].to_numpy(float)
         assert np.array_equal(np.isnan(a), np.isnan(b)), column
-        assert np.abs(a[~np.isnan(a)] - b[~np.isnan(b)]).max() <= 1e-5, column
+        assert np.abs(a[~np.isnan(a)] - b[~np.isnan(b)]).max() <= tol, column
 
 
 @pytest.mark.smollm2
@@ -149,6 +150,21 @@ def test_ctrl_c_stops_the_run_and_writes_nothing(ray_cluster, tmp_path):
     assert proc.returncode in (130, -signal.SIGINT), err
     assert "cancelled" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_long_context_probes_on_ray_equal_the_one_process_run(ray_cluster, tiny_llama):
+    from probes.engine_ray import RayEngine
+    from probes.pipeline import analyze
+    from workbench.data import load_dataset
+
+    batch = load_dataset("needle", tiny_llama, n=4, seq_len=200)
+    local = analyze(tiny_llama, batch, probes="retrieval,sparsity", mode="stats", progress=False)
+    result = analyze(tiny_llama, batch, probes="retrieval,sparsity", mode="stats", progress=False,
+                     engine=RayEngine(workers=2, shard_size=2))
+    assert result.engine["shards"] == 2 and result.mode == "stats"
+    assert_same_table(result.table, local.table, probes=("retrieval", "sparsity"), tol=1e-6)
+    assert result.probes["sparsity"].kv_saliency_ == local.probes["sparsity"].kv_saliency_
+    assert len(result.probes["sparsity"].kv_saliency_["per_sample"]) == 4
 
 
 def test_without_ray_the_error_names_the_install(monkeypatch):

@@ -12,7 +12,9 @@ from probes.aggregate import MomentSums, merge_all
 from probes.base import mean_and_ci
 from probes.importance import HeadImportance
 from probes.pipeline import analyze, build_probes
+from probes.retrieval import Retrieval
 from probes.sinks import Sinks
+from probes.sparsity_profile import SparsityProfile
 from workbench.errors import InputError
 
 KEYS = ["layer", "head", "probe", "metric"]
@@ -108,6 +110,50 @@ def test_shard_files_round_trip(tiny_llama, tmp_path):
         for field in ("count", "mean", "m2"):
             assert np.array_equal(getattr(back.moments[key], field), getattr(moments, field), equal_nan=True)
     assert np.array_equal(back.flags["sinks/flagged"], result.flags["sinks/flagged"])
+
+
+def _needle_batch(model):
+    """4 needle samples of 200 tokens with a short plain prompt at index 2 (no needle: NaN retrieval)."""
+    from workbench.data import load_dataset
+
+    needles = load_dataset("needle", model, n=4, seq_len=200)
+    plain = model.tokenize(["The cat sat on the mat and looked at the dog for a long while."])
+    rows = [(needles, 0), (needles, 1), (plain, 0), (needles, 2), (needles, 3)]
+    return model.batch_from_ids([b.tokens[i][b.mask[i]] for b, i in rows], [dict(b.meta[i]) for b, i in rows])
+
+
+def _long_context_probes():
+    return [Retrieval(generate=True), SparsityProfile(window=32)]
+
+
+@pytest.mark.parametrize("mode", ["stats", "patterns"])
+def test_long_context_shards_merge_to_the_one_process_run(tiny_llama, tmp_path, mode):
+    batch = _needle_batch(tiny_llama)
+    sharded.check_shardable({p.name: p for p in _long_context_probes()}, batch)
+    whole = analyze(tiny_llama, batch, probes=_long_context_probes(), mode=mode, progress=False)
+    layers, heads = whole.layers, whole.heads
+    paths = []
+    for i, (a, b) in enumerate([(0, 2), (2, 3), (3, 5)]):  # shard 1 holds only the plain prompt
+        paths.append(tmp_path / f"shard-{i}.safetensors")
+        sharded.save_shard(paths[-1], sharded.run_shard(tiny_llama, batch.select(slice(a, b)),
+                                                        _long_context_probes(), i, a, b, mode=mode,
+                                                        layers=layers, heads=heads))
+    by_name = {p.name: p for p in _long_context_probes()}
+    table, fitted, notes = sharded.finish(by_name, [sharded.load_shard(p) for p in paths[::-1]], layers, heads)
+    assert not notes and table[KEYS].equals(whole.table[KEYS])
+    assert set(table["metric"]) == {*Retrieval.metrics, *SparsityProfile.metrics}
+    for column in ("value", "ci_low", "ci_high"):
+        a, b = whole.table[column].to_numpy(float), table[column].to_numpy(float)
+        assert np.array_equal(np.isnan(a), np.isnan(b)), column
+        assert np.isfinite(a).any(), column
+        np.testing.assert_allclose(b[~np.isnan(b)], a[~np.isnan(a)], rtol=0, atol=1e-6)
+    local, merged = whole.probes, fitted
+    assert merged["sparsity"].kv_saliency_ == local["sparsity"].kv_saliency_
+    assert merged["sparsity"].kv_saliency_share_90_ == local["sparsity"].kv_saliency_share_90_
+    assert merged["retrieval"].n_needle_samples_ == local["retrieval"].n_needle_samples_ == 4
+    assert merged["retrieval"].generated_ == local["retrieval"].generated_
+    assert merged["retrieval"].generated_[2] is None and merged["retrieval"].answer_correct_[2] is None
+    assert merged["retrieval"].answer_correct_ == local["retrieval"].answer_correct_
 
 
 @pytest.mark.parametrize("probes,metrics,message", [
