@@ -66,6 +66,10 @@ class LogitAttribution(Probe):
         if not model.causal:
             raise InputError(f"{model.name} is an encoder: direct logit attribution needs a causal language model")
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """One forward of every sample (the per-head decomposition is read off that forward)."""
+        return float(samples)
+
     def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
             batch: TokenBatch | None = None) -> "LogitAttribution":
         """Attribution of every selected head on ``batch`` (``capture`` is not used)."""

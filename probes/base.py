@@ -142,6 +142,14 @@ class Probe(ABC):
         """
         self.check_params()
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """How many forward-equivalents ``fit`` runs beyond the shared capture, on ``samples`` inputs
+        of ``n_tokens`` tokens and a model of ``n_layers`` × ``n_heads`` heads (1 = one forward of one
+        such input; a backward counts 2). Counted one copy per forward, so batching many copies per
+        forward makes the run faster. None (the default): about one capture, nothing extra.
+        Override in a probe that runs the model itself."""
+        return None
+
     def _check_fitted(self, attribute: str) -> None:
         if not hasattr(self, attribute):
             raise WorkbenchError(f"{type(self).__name__} is not fitted yet: call fit(...) first")

@@ -265,6 +265,13 @@ class HeSS(Probe):
         if self.batch_size < 1:
             raise InputError(f"batch_size={self.batch_size}: use at least 1")
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """A forward + backward (3 forward-equivalents) of each sample of both error sets: the run's
+        batch (its first ``n_calibration`` samples) and the bundled other set, ``n_calibration``
+        sequences of ``copy_seq_len`` tokens (converted to inputs of ``n_tokens``)."""
+        bundled = self.n_calibration * self.copy_seq_len / max(1, n_tokens)
+        return 3.0 * (min(samples, self.n_calibration) + bundled)
+
     def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
             batch: TokenBatch | None = None, calibration: TokenBatch | None = None,
             copy: TokenBatch | None = None) -> "HeSS":

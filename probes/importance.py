@@ -109,6 +109,17 @@ class HeadImportance(Probe):
             raise InputError("attribution patching without corrupt prompts resamples the batch: give >= 2 samples "
                              "(a dataset, e.g. ioi), or leave attribution_patching out of metrics")
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """The clean forward, one ablated copy of the batch per swept head and ablation metric, a
+        forward + backward for ``gradient`` and for ``attribution_patching`` (plus, validated, the
+        corrupted clean run and one patched copy per swept head)."""
+        metrics = self.check_metrics(self.metrics)
+        swept = (n_layers if self.layers is None else len(self.layers)) * (n_heads if self.heads is None else len(self.heads))
+        per_sample = 1 + swept * sum(m in _ABLATIONS for m in metrics) + 3 * ("gradient" in metrics)
+        if "attribution_patching" in metrics:
+            per_sample += 3 + ((1 + swept) if self.validate_patching else 0)
+        return float(per_sample * samples)
+
     def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
             batch: TokenBatch | None = None) -> "HeadImportance":
         """Scores of the ``layers``/``heads`` sweep on ``batch`` (``capture`` is not used)."""

@@ -99,6 +99,11 @@ class Sinks(Probe):
             raise InputError("noop_score needs the model (value vectors and residual stream): "
                              "call fit(capture, model=model)")
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """With the model (as the pipeline runs it): one more forward of every sample, the residual
+        scan for sink tokens and value norms (:func:`probes.sink_tokens.scan_residuals`)."""
+        return float(samples)
+
     # ------------------------------------------------------------------ fitting
     def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
             batch: TokenBatch | None = None) -> "Sinks":

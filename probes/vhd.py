@@ -157,6 +157,11 @@ class VHD(Probe):
         if self.batch_size < 1:
             raise InputError(f"batch_size={self.batch_size} must be at least 1")
 
+    def cost_forwards(self, n_layers: int, n_heads: int, n_tokens: int, samples: int) -> float | None:
+        """Two forwards per prompt: with its context span and without it (up to the last read layer)."""
+        read = n_layers if self.layers is None else max(self.layers) + 1
+        return 2.0 * samples * read / n_layers
+
     def fit(self, capture: Capture | None = None, *, model: HookedModel | None = None,
             batch: TokenBatch | Sequence[ContextPrompt] | None = None) -> "VHD":
         """VHD of each prompt in ``batch`` (a batch with ``meta["span"]``, or :class:`ContextPrompt`

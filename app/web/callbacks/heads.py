@@ -9,8 +9,9 @@ from app.web.callbacks.clicks import head_from_click
 from app.web.callbacks.jobs import cancel_previous, not_started, start_outputs, started
 from app.web.services import placeholder_figure, safe
 from app.web.services.analysis import get_analysis
-from app.web.services.headmap import (check_probe_request, default_metric, estimate_seconds, head_summary,
-                                      headmap_figure, metric_options, probe_catalog, split_metric_value, start_probe)
+from app.web.services.headmap import (check_probe_request, default_metric, head_summary,
+                                      headmap_figure, metric_options, probe_catalog, probe_cost_note, split_metric_value,
+                                      start_probe)
 from app.web.services.metric_help import describe
 from app.web.services.workspace import Workspace
 
@@ -109,14 +110,9 @@ def register(app: Dash, ws: Workspace) -> None:
         job_id, error = safe(start_probe, ws, analysis, probe, dataset or None, n)
         if error:
             return *not_started(), error, ""
-        name, _, samples = checked
-        cap = analysis.capture
-        seconds = estimate_seconds(analysis, name, len(cap.layers), len(cap.heads), samples)
-        note = "" if seconds is None else html.Span(
-            f"{name} runs one ablated copy of the input per head and metric: up to ~{seconds:.0f} s on this machine "
-            "(copies × the measured forward of this prompt; batching makes it faster); Cancel stops it within a "
-            "layer", className="note")
-        return *started(job_id), note, ""
+        name, checked_dataset, samples = checked
+        text, _ = safe(probe_cost_note, ws, analysis, name, checked_dataset, samples)
+        return *started(job_id), (html.Span(text, className="note") if text else ""), ""
 
     @app.callback(
         Output(ids.HEADMAP_REFRESH, "data"), Output(ids.HEADMAP_METRIC, "value", allow_duplicate=True),

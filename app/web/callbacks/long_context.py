@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dash import Dash, Input, Output, State, no_update
+from dash import Dash, Input, Output, State, html, no_update
 
 from app.web import ids
 from app.web.callbacks.clicks import head_from_click
 from app.web.callbacks.jobs import cancel_previous, finished_key, not_started, start_outputs, started
 from app.web.services import placeholder_figure, safe
-from app.web.services.long_context import head_view, sample_options, start_taxonomy, taxonomy_figure
+from app.web.services.long_context import estimate_note, head_view, sample_options, start_taxonomy, taxonomy_figure
 from app.web.services.workspace import Workspace
 
 JOB = ids.LC_JOB
@@ -30,7 +30,8 @@ def register(app: Dash, ws: Workspace) -> None:
         job_id, error = safe(start_taxonomy, ws, model, length, depths)
         if error:
             return *not_started(), error
-        return *started(job_id), ""
+        note, _ = safe(estimate_note, ws, session, model, length, depths)
+        return *started(job_id), (html.Span(note, className="note") if note else "")
 
     @app.callback(Output(ids.LC_RESULT, "data"), Input(JOB.done, "data"), prevent_initial_call=True)
     def finished(done):

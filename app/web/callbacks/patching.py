@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dash import Dash, Input, Output, State, no_update
+from dash import Dash, Input, Output, State, html, no_update
 
 from app.web import ids
 from app.web.callbacks.jobs import cancel_previous, not_started, start_outputs, started
 from app.web.services import placeholder_figure, safe
-from app.web.services.patching import figures, head_of_click, ioi_example, results, start_patching, summary
+from app.web.services.patching import (estimate_note, figures, head_of_click, ioi_example, results, start_patching,
+                                       summary)
 from app.web.services.workspace import Workspace
 
 JOB = ids.PATCH_JOB
@@ -40,7 +41,8 @@ def register(app: Dash, ws: Workspace) -> None:
         if error:
             return *not_started(), error
         cancel_previous(ws, store)
-        return *started(job_id), ""
+        note, _ = safe(estimate_note, ws, session, model, clean)
+        return *started(job_id), (html.Span(note, className="note") if note else "")
 
     @app.callback(
         Output(ids.PATCH_RESULT, "data"), Output(ids.PATCH_MESSAGE, "children", allow_duplicate=True),

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 
 from app.web.jobs import JobContext
 from app.web.services.analysis import Analysis, run_pipeline
+from app.web.services.cost import cost_note, seconds_per_forward
 from app.web.services.metric_help import describe
 from app.web.services.workspace import Workspace
 from probes.figures import head_heatmap
@@ -110,19 +111,32 @@ def check_probe_request(ws: Workspace, analysis: Analysis, name: str | None, dat
     return name, None, 1
 
 
-def estimate_seconds(analysis: Analysis, name: str, n_layers: int, n_heads: int, samples: int = 1) -> float | None:
-    """A rough cost of a slow probe: its forward passes × the measured clean forward of this
-    prompt (:attr:`Analysis.forward_s`), × ``samples`` for a dataset (assumed prompt-sized).
-    None for probes whose cost is about one capture."""
-    if analysis.forward_s is None or not PROBES[name].needs_model:
-        return None
-    if name == "importance":  # one ablated forward per head and ablation metric, ~3 for gradient/patching
-        cls = PROBES[name]
-        ablations = sum(1 for m in cls.metrics if m.startswith("ablation"))
-        passes = ablations * n_layers * n_heads + 3 * (len(cls.metrics) - ablations)
-    else:
-        return None
-    return passes * analysis.forward_s * samples
+def estimate_seconds(analysis: Analysis, name: str, n_layers: int, n_heads: int, samples: int = 1,
+                     n_tokens: int | None = None) -> float | None:
+    """A rough upper bound of a probe's run time: the forward-equivalents it states about itself
+    (:meth:`probes.base.Probe.cost_forwards`, on ``samples`` inputs of ``n_tokens`` tokens, default the
+    prompt's) × the measured clean forward of this prompt scaled to ``n_tokens``
+    (:func:`app.web.services.cost.seconds_per_forward`). None for a probe that costs about one
+    capture, or without a measured forward."""
+    n_tokens = n_tokens or analysis.n_tokens
+    forwards = PROBES[name]().cost_forwards(n_layers, n_heads, n_tokens, samples)
+    per_forward = seconds_per_forward(analysis, analysis.model_name, n_tokens)
+    return None if forwards is None or per_forward is None else forwards * per_forward
+
+
+def probe_cost_note(ws: Workspace, analysis: Analysis, name: str, dataset: str | None, samples: int) -> str:
+    """The estimate shown when a probe starts (:func:`estimate_seconds`; a dataset's inputs are
+    loaded to count their padded width), or "" for a probe that costs about one capture."""
+    n_tokens = analysis.n_tokens
+    if dataset:
+        n_tokens = int(load_dataset(dataset, load_model(analysis.model_name), n=samples).tokens.shape[1])
+    n_layers, n_heads = len(analysis.capture.layers), len(analysis.capture.heads)
+    seconds = estimate_seconds(analysis, name, n_layers, n_heads, samples, n_tokens)
+    if seconds is None:
+        return ""
+    forwards = PROBES[name]().cost_forwards(n_layers, n_heads, n_tokens, samples)
+    source = f"{name} on {samples} samples of {Path(dataset).name}" if dataset else f"{name} on this prompt"
+    return cost_note(source, forwards, analysis, n_tokens, seconds)
 
 
 def start_probe(ws: Workspace, analysis: Analysis, name: str | None, dataset: str | None = None,

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.web.jobs import JobContext
+from app.web.services.cost import cost_note, seconds_per_forward
 from app.web.services.workspace import ResultCache, Workspace
 from workbench.data import dataset_source
 from workbench.errors import InputError
@@ -80,6 +81,27 @@ def check_request(clean: str | None, corrupt: str | None, answer: str | None, di
     if metric == "logit_diff" and distractor is None:
         raise InputError("the logit difference needs a distractor token: fill it in or choose log p(answer)")
     return clean, corrupt, answer, distractor, metric
+
+
+def patching_forwards(n_layers: int, n_heads: int, n_tokens: int) -> int:
+    """Forward-equivalents of one run: a patched copy of the corrupted prompt per head (``z``) and per
+    layer × position (``resid``), plus each table's clean and corrupted runs (:func:`patch_table`)."""
+    return n_layers * n_heads + n_layers * n_tokens + 4
+
+
+def estimate_note(ws: Workspace, session: dict | None, model_name: str, clean: str) -> str:
+    """The run's estimate (:func:`patching_forwards` × the analysed prompt's measured forward,
+    :mod:`app.web.services.cost`), or "" without an analysis of ``model_name`` to scale from."""
+    from app.web.services.analysis import get_analysis
+
+    analysis = get_analysis(ws, session)
+    if seconds_per_forward(analysis, model_name, 1) is None:
+        return ""
+    model = load_model(model_name)
+    n_tokens = int(model.encode(clean).numel())
+    forwards = patching_forwards(model.n_layers, model.n_heads, n_tokens)
+    seconds = forwards * seconds_per_forward(analysis, model_name, n_tokens)
+    return cost_note("patching every head and every layer × position", forwards, analysis, n_tokens, seconds)
 
 
 def start_patching(ws: Workspace, model_name: str, clean: str | None, corrupt: str | None, answer: str | None,
