@@ -18,7 +18,9 @@ Input: the same ids as ``workbench.load_dataset("calibration", model, n=1, seq_l
 with the HF tokenizer alone (no workbench / TransformerLens import here), following
 ``workbench/data.py``: the non-empty paragraphs of ``calibration.txt`` (split on blank lines,
 stripped) joined by ``"\\n\\n"``, tokenized without special tokens, cut into windows of ``N - 1``
-ids, BOS prepended; the first full window is sample 0 (the first window if none is full).
+ids, BOS prepended; the first full window is sample 0. When the text holds fewer than ``N - 1``
+ids (SmolLM2: about 8.3k), its ids are repeated until they do (a dense forward costs the same for
+any ids): the process always runs exactly ``N`` tokens, and refuses to run otherwise.
 
 Usage::
 
@@ -47,9 +49,13 @@ def calibration_ids(folder: Path, seq_len: int, text_file: Path) -> list[int]:
     ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id  # SmolLM2 is a decoder: the workbench prepends BOS
     body = seq_len - (bos is not None)
+    if len(ids) < body:  # a length past the text: repeat it (cost does not depend on the ids)
+        ids = ids * -(-body // len(ids))
     windows = [ids[i:i + body] for i in range(0, len(ids), body)]
-    windows = [w for w in windows if len(w) == body] or windows[:1]
-    return ([bos] if bos is not None else []) + windows[0]
+    ids = ([bos] if bos is not None else []) + next(w for w in windows if len(w) == body)
+    if len(ids) != seq_len:
+        raise SystemExit(f"built {len(ids)} ids for --seq-len {seq_len}")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> None:
