@@ -27,13 +27,17 @@ def shell(ws: Workspace) -> html.Div:
         dcc.Location(id=ids.URL, refresh="callback-nav"),
         dcc.Store(id=ids.SESSION, storage_type="session", data=ws.session_defaults()),
         dcc.Store(id=ids.INTERVENTIONS, storage_type="session", data=[]),
+        dcc.Store(id=ids.SHARE_NOTE, data=None),
+        dcc.Store(id=ids.SHARE_ADOPTED, data=0),
+        dcc.Store(id=ids.SHARE_READ, data=None),
         html.Header([
             html.Div([html.Span("Attention workbench", className="brand"),
                       html.Span(id=ids.SESSION_BADGE, className="badge")], className="header-top"),
             html.Nav([dcc.Link(p["name"], href=p["relative_path"], className="nav-link") for p in pages],
                      id=ids.NAV, className="nav"),
         ]),
-        html.Main(dash.page_container, className="content"),
+        html.Main([html.Div(id=ids.SHARE_MESSAGE, className="message", role="status", style={"minHeight": 0}),
+                   dash.page_container], className="content"),
     ], className="app")
 
 

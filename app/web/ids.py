@@ -36,6 +36,10 @@ SESSION = "session-store"            # per browser session: model, analysis key,
 INTERVENTIONS = "interventions-store"  # per browser session: list of active head interventions
 NAV = "nav"
 SESSION_BADGE = "session-badge"      # model / prompt summary shown in the header
+SHARE_MESSAGE = "share-message"      # why a shared address (?prompt=&head=&metric=) could not be used
+SHARE_NOTE = "share-note"            # Store (memory): the session that message was about
+SHARE_ADOPTED = "share-adopted"      # Store (memory): bumped when an address's prompt is adopted (pages re-init)
+SHARE_READ = "share-read"            # Store (memory): the last query read back (the address is written after it)
 
 # ---------------------------------------------------------------- page 1: model & prompt
 PROMPT_MODEL = "prompt-model"

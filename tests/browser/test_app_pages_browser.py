@@ -66,11 +66,14 @@ def test_atlas_page(dash_duo, make_app, ui):
         "const r = document.querySelector('#atlas-graph .scatterlayer .point').getBoundingClientRect();"
         "return [r.left + r.width / 2, r.top + r.height / 2];")
     ActionChains(dash_duo.driver).move_to_location(int(box[0]), int(box[1])).pause(0.3).click().perform()
-    ui.wait_until(lambda: dash_duo.driver.current_url.endswith("/pattern"), 20, "the jump to the pattern viewer")
+    ui.wait_until(lambda: dash_duo.driver.execute_script("return window.location.pathname") == "/pattern", 20,
+                  "the jump to the pattern viewer")
     dash_duo.wait_for_element("#pattern-graph .heatmaplayer", timeout=20)
     ui.wait_until(lambda: "head: L" in ui.text("#session-badge"), 20, "the selected head")
     layer, head = ui.text("#session-badge").split("head: L")[1].split("H")
     ui.wait_until(lambda: f"L{layer}H{head} attention pattern" in ui.text("#pattern-graph"), 20, "its pattern")
+    ui.wait_until(lambda: f"head=L{layer}H{head}" in dash_duo.driver.execute_script("return window.location.search"),
+                  20, "the jumped-to head in the address")
     ui.wait_until(lambda: "Promotes" in ui.text("#headcard-body"), 60, "the head card beside the pattern")
     assert f"L{layer}H{head}" in ui.text("#headcard-body")
     ui.settle()

@@ -41,7 +41,8 @@ def test_patching_page_heatmaps_open_the_head_card(dash_duo, make_app, ui):
         "const r = document.querySelector('#patch-heads-graph .nsewdrag').getBoundingClientRect();"
         "return [r.left + r.width * 0.3, r.top + r.height * 0.7];")
     ActionChains(dash_duo.driver).move_to_location(int(box[0]), int(box[1])).pause(0.3).click().perform()
-    ui.wait_until(lambda: dash_duo.driver.current_url.endswith("/heads"), 20, "the jump to the head map")
+    ui.wait_until(lambda: dash_duo.driver.execute_script("return window.location.pathname") == "/heads", 20,
+                  "the jump to the head map")
     ui.wait_until(lambda: "Promotes" in ui.text("#headcard-body"), 60, "the head card")
     card = ui.text("#headcard-body")
     assert "top prediction" in card and "composition" in card

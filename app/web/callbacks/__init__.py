@@ -17,7 +17,7 @@ def register_all(app: Dash, ws: Workspace) -> None:
 
     for module in (jobs, shell, prompt, heads, pattern, atlas, intervene, runs, long_context):
         module.register(app, ws)
-    from app.web.callbacks import head_card, patching
+    from app.web.callbacks import head_card, patching, share_url
 
-    for module in (head_card, patching):
+    for module in (head_card, patching, share_url):
         module.register(app, ws)

@@ -1,14 +1,16 @@
-"""Head card callbacks: fill the card for the session's selected head; ``?head=LxHy`` selects a head."""
+"""Head card callbacks: fill the card for the session's selected head.
+
+``?head=LxHy`` in the address selects a head: :mod:`app.web.callbacks.share_url` reads it."""
 
 from __future__ import annotations
 
-from dash import Dash, Input, Output, State, html, no_update
+from dash import Dash, Input, Output, html
 
 from app.web import ids
 from app.web.components_head_card import card_body
 from app.web.services import safe
 from app.web.services.analysis import get_analysis
-from app.web.services.head_card import head_card, parse_head_query, thumbnail
+from app.web.services.head_card import head_card, thumbnail
 from app.web.services.workspace import Workspace
 
 
@@ -30,14 +32,3 @@ def register(app: Dash, ws: Workspace) -> None:
             return html.Div(error, className="message", role="status")
         thumb, _ = safe(thumbnail, analysis, layer, head)
         return card_body(card, thumb)
-
-    @app.callback(
-        Output(ids.SESSION, "data", allow_duplicate=True),
-        Input(ids.URL, "search"), State(ids.SESSION, "data"),
-        prevent_initial_call=True,
-    )
-    def select_from_address(search, session):
-        head, error = safe(parse_head_query, search)
-        if head is None:
-            return no_update
-        return dict(session or ws.session_defaults(), selected=list(head))

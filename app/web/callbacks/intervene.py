@@ -51,9 +51,9 @@ def register(app: Dash, ws: Workspace) -> None:
         Output(ids.INTERVENE_LAYER, "options"), Output(ids.INTERVENE_LAYER, "value"),
         Output(ids.INTERVENE_HEAD, "options"), Output(ids.INTERVENE_HEAD, "value"),
         Output(ids.INTERVENE_MESSAGE, "children"),
-        Input(ids.INTERVENE_INIT, "data"), State(ids.SESSION, "data"),
+        Input(ids.INTERVENE_INIT, "data"), Input(ids.SHARE_ADOPTED, "data"), State(ids.SESSION, "data"),
     )
-    def init(_, session):
+    def init(_, _adopted, session):
         analysis, error = safe(get_analysis, ws, session)
         if analysis is None:
             return [], None, [], None, error

@@ -46,9 +46,9 @@ def register(app: Dash, ws: Workspace) -> None:
         Output(ids.PATTERN_LAYER, "options"), Output(ids.PATTERN_LAYER, "value"),
         Output(ids.PATTERN_HEAD, "options"), Output(ids.PATTERN_HEAD, "value"),
         Output(ids.PATTERN_MESSAGE, "children"),
-        Input(ids.PATTERN_INIT, "data"), State(ids.SESSION, "data"),
+        Input(ids.PATTERN_INIT, "data"), Input(ids.SHARE_ADOPTED, "data"), State(ids.SESSION, "data"),
     )
-    def init(_, session):
+    def init(_, _adopted, session):
         analysis, error = safe(get_analysis, ws, session)
         if analysis is None:
             return [], None, [], None, error

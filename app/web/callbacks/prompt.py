@@ -23,9 +23,9 @@ def register(app: Dash, ws: Workspace) -> None:
     @app.callback(
         Output(ids.PROMPT_MODEL, "value"), Output(ids.PROMPT_FOLDER, "value"), Output(ids.PROMPT_TEXT, "value"),
         Output(ids.PROMPT_DATASET, "options"),
-        Input(ids.PROMPT_INIT, "data"), State(ids.SESSION, "data"),
+        Input(ids.PROMPT_INIT, "data"), Input(ids.SHARE_ADOPTED, "data"), State(ids.SESSION, "data"),
     )
-    def init(_, session):
+    def init(_, _adopted, session):
         session = session or ws.session_defaults()
         model = session.get("model") or ws.default_model
         datasets = dataset_options(ws)

@@ -54,6 +54,11 @@ class ResultCache:
             self._items.move_to_end(key)
             return self._items[key]
 
+    @property
+    def capacity(self) -> int:
+        """How many results it keeps (the oldest goes first)."""
+        return self._capacity
+
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._items
