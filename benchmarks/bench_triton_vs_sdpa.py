@@ -77,6 +77,18 @@ def check_against_chunked(n: int, heads: int, kv_heads: int, dim: int, dtype: to
     return ok
 
 
+def _timing_row(n: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, reps: int) -> str:
+    """One table row: SDPA, Triton stats and Triton received-mass times at ``n`` tokens."""
+    q, k, v = _inputs(n, heads, kv_heads, dim, dtype)
+    flops = 4.0 * n * n / 2 * dim * heads  # causal: half of QK^T and PV
+    t_sdpa = _time_ms(lambda: _sdpa(q, k, v), reps)
+    t_tri = _time_ms(lambda: attention_with_stats(q, k, v, backend="triton"), reps)
+    lse = attention_with_stats(q, k, v, backend="triton").lse
+    t_recv = _time_ms(lambda: received_mass(q, k, lse, backend="triton"), reps)
+    return (f"{n:>7} {t_sdpa:9.2f} {t_tri:10.2f} {t_recv:9.2f} {flops / t_sdpa / 1e9:10.1f} "
+            f"{flops / t_tri / 1e9:12.1f} {t_sdpa / t_tri:17.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -99,16 +111,8 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     for n in args.sizes:
-        q, k, v = _inputs(n, args.heads, args.kv_heads, args.dim, dtype)
-        flops = 4.0 * n * n / 2 * args.dim * args.heads  # causal: half of QK^T and PV
-        t_sdpa = _time_ms(lambda: _sdpa(q, k, v), args.reps)
-        t_tri = _time_ms(lambda: attention_with_stats(q, k, v, backend="triton"), args.reps)
-        lse = attention_with_stats(q, k, v, backend="triton").lse
-        t_recv = _time_ms(lambda: received_mass(q, k, lse, backend="triton"), args.reps)
-        print(f"{n:>7} {t_sdpa:9.2f} {t_tri:10.2f} {t_recv:9.2f} {flops / t_sdpa / 1e9:10.1f} "
-              f"{flops / t_tri / 1e9:12.1f} {t_sdpa / t_tri:17.2f}")
-        del q, k, v, lse
-        torch.cuda.empty_cache()
+        print(_timing_row(n, args.heads, args.kv_heads, args.dim, dtype, args.reps))
+        torch.cuda.empty_cache()  # the row's inputs are gone with its frame
     ok = check_against_chunked(args.check_size, args.heads, args.kv_heads, args.dim, dtype)
     return 0 if ok else 1
 

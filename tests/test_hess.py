@@ -60,7 +60,7 @@ def test_fisher_matches_parameter_gradients(name):
     text = load_dataset("calibration", model, n=2, seq_len=24)
     batch = model.batch_from_ids([text.tokens[0], text.tokens[1, :15]])  # ragged: padding must not leak
     fisher = query_fisher(model, batch, next_token_error, batch_size=2)
-    hf, d = model.bridge.original_model, model.d_head
+    d = model.d_head
     sites = query_sites(model)
     for row in range(2):
         sample = batch.select([row])
