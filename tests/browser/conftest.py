@@ -97,6 +97,15 @@ class UI:
         self.wait_until(lambda: "tokens," in self.text("#prompt-summary"), timeout, "the analysis")
         self.duo.wait_for_element(".token-strip .tok")
 
+    def type_into(self, selector: str, text: str) -> None:
+        """Replace the text of an input (select all, delete, type) and press Enter."""
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.duo.find_element(selector)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys(text, Keys.ENTER)
+
     def go_to(self, path: str, ready_selector: str) -> None:
         """Navigate with the header link (client-side) and wait for a page element."""
         self.duo.find_element(f"a.nav-link[href='{path}']").click()

@@ -9,7 +9,6 @@ import re
 import time
 
 import pytest
-from selenium.webdriver.common.keys import Keys
 
 pytestmark = pytest.mark.browser
 
@@ -37,10 +36,7 @@ def test_cancel_mid_job_is_prompt_and_keeps_the_page(dash_duo, make_app, ui):
 
     dash_duo.select_dcc_dropdown("#headmap-probe", value="importance")
     dash_duo.select_dcc_dropdown("#headmap-source", value="calibration")
-    box = dash_duo.find_element("#headmap-source-n")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    box.send_keys("64", Keys.ENTER)
+    ui.type_into("#headmap-source-n", "64")
     dash_duo.find_element("#headmap-compute").click()
     ui.wait_until(lambda: "ablated copies" in ui.text(STATUS) and (_progress_percent(ui.text(STATUS)) or 0) > 0,
                   120, "the importance sweep to be under way")

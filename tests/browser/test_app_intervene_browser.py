@@ -5,19 +5,11 @@ and list they were computed for (bug 3), continuations stream in after the fast 
 from __future__ import annotations
 
 import pytest
-from selenium.webdriver.common.keys import Keys
 
 pytestmark = pytest.mark.browser
 
 PROMPT = "The cat sat on the mat. The cat sat on the mat."
 OTHER = "When Mary and John went to the store, John gave a drink to"
-
-
-def type_into(dash_duo, selector: str, text: str) -> None:
-    box = dash_duo.find_element(selector)
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    box.send_keys(text, Keys.ENTER)
 
 
 def table_rows(dash_duo, selector: str) -> list[list[str]]:
@@ -38,11 +30,11 @@ def test_list_survives_navigation_and_reload_and_bad_alpha_is_refused(dash_duo, 
     assert not dash_duo.find_element("#intervene-u").is_displayed()
     for bad, says in (("abc", "'abc' is not a number"), ("1000", "α 1000 is out of range"),
                       ("-7", "α -7 is out of range")):
-        type_into(dash_duo, "#intervene-alpha", bad)
+        ui.type_into("#intervene-alpha", bad)
         dash_duo.find_element("#intervene-add").click()
         ui.wait_until(lambda: says in ui.text("#intervene-alpha-error"), 10, f"the message for α = {bad}")
         assert "no interventions yet" in ui.text("#intervene-list")
-    type_into(dash_duo, "#intervene-alpha", "3")
+    ui.type_into("#intervene-alpha", "3")
     dash_duo.find_element("#intervene-add").click()
     ui.wait_until(lambda: "scale α=3" in ui.text("#intervene-list"), 10, "the added intervention")
     assert ui.text("#intervene-alpha-error") == ""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from selenium.webdriver.common.keys import Keys
 
 pytestmark = pytest.mark.browser
 
@@ -50,10 +49,7 @@ def test_probe_requirements_are_checked_before_running(dash_duo, make_app, ui):
     assert ">= 2 samples" in ui.text("#headmap-message")
     assert ui.text("#headmap-job-status") == "idle"  # nothing was started
     dash_duo.select_dcc_dropdown("#headmap-source", value="induction")
-    box = dash_duo.find_element("#headmap-source-n")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    box.send_keys("100000", Keys.ENTER)
+    ui.type_into("#headmap-source-n", "100000")
     dash_duo.find_element("#headmap-compute").click()
     ui.wait_until(lambda: "samples 100000 is out of range" in ui.text("#headmap-source-n-error"), 10,
                   "the refused sample count")

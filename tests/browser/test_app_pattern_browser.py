@@ -55,8 +55,7 @@ def test_long_row_shows_every_key_and_its_top_keys(dash_duo, make_app, ui):
     """Bug 4: the row view of a long input showed only keys i-255..i; now the whole row (pooled to
     the plot width, exact on zoom) and the row's strongest keys wherever they are. Bug 8: a bad
     query position is refused beside the field, never moved to the last token."""
-    from selenium.webdriver.common.keys import Keys
-
+    
     app = make_app(limits=Limits(patterns=32))
     dash_duo.start_server(app)
     ui.run_prompt(LONG)
@@ -71,16 +70,11 @@ def test_long_row_shows_every_key_and_its_top_keys(dash_duo, make_app, ui):
     (analysis,) = app.workspace.analyses._items.values()
     expected = [k for k, _, _ in patterns.top_keys(analysis, 0, 0, n - 1, 8)]  # over the whole exact row
     assert keys == expected
-    box = dash_duo.find_element("#pattern-query")
     for bad, says in (("99999", "query token 99999 is out of range"), ("1.5", "not a whole number"),
                       ("-3", "query token -3 is out of range")):
-        box.send_keys(Keys.CONTROL, "a")
-        box.send_keys(Keys.DELETE)
-        box.send_keys(bad, Keys.ENTER)
+        ui.type_into("#pattern-query", bad)
         ui.wait_until(lambda: says in ui.text("#pattern-query-error"), 10, f"the refusal of {bad}")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(Keys.DELETE)
-    box.send_keys("40", Keys.ENTER)
+    ui.type_into("#pattern-query", "40")
     ui.wait_until(lambda: "token 40" in ui.text("#pattern-row") and "keys 0..40 of 41 (exact)" in ui.text("#pattern-row"),
                   20, "the exact short row")
     assert ui.text("#pattern-query-error") == ""

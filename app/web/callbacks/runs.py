@@ -51,11 +51,12 @@ def register(app: Dash, ws: Workspace) -> None:
         _, error = safe(open_run, ws.runs_dir, name)
         if error:
             return None, error
-        state = {"a": name.strip(), "b": None}
+        state = {"a": name.strip(), "b": None, "b_error": None}
         if other and other.strip():
             _, other_error = safe(open_run, ws.runs_dir, other)
-            if other_error:  # keep showing the first run
-                return state, f"second run not opened: {other_error}"
+            if other_error:  # keep showing the first run; show() repeats the message (it rewrites the line)
+                state["b_error"] = f"second run not opened: {other_error}"
+                return state, state["b_error"]
             state["b"] = other.strip()
         return state, ""
 
@@ -80,7 +81,7 @@ def register(app: Dash, ws: Workspace) -> None:
         manifests = [_manifest(f"Run: {run.path.name}", run)]
         rows, _ = safe(top_table, run, metric)
         shown = table(rows, {"value": ".4g", "ci_low": ".4g", "ci_high": ".4g"}) if rows is not None else None
-        message = error or (f"second run not opened: {other_error}" if other_error else "")
+        message = error or (f"second run not opened: {other_error}" if other_error else state.get("b_error") or "")
         warning = None
         if other is not None:
             manifests.append(_manifest(f"Compared with: {other.path.name}", other))
