@@ -95,7 +95,17 @@ def test_app_estimate_scales_the_measured_forward(ws, analysis):
     n_layers, n_heads = len(analysis.capture.layers), len(analysis.capture.heads)
     forwards = PROBES["importance"]().cost_forwards(n_layers, n_heads, 40, 8)
     seconds = estimate_seconds(analysis, "importance", n_layers, n_heads, 8, 40)
-    assert seconds == pytest.approx(forwards * analysis.forward_s * 40 / analysis.n_tokens)
+    from app.web.services.cost import forward_flops
+    from workbench.model import load_model
+
+    model = load_model(analysis.model_name)
+    ratio = forward_flops(model, 40) / forward_flops(model, analysis.n_tokens)
+    assert seconds == pytest.approx(forwards * analysis.forward_s * ratio)
+    n = 1000  # the arithmetic, written out: 2 × block parameters per token + 2·n²·d_head per head and layer
+    blocks = sum(p.numel() for p in model.bridge.original_model.model.layers.parameters())
+    blocks += model.bridge.original_model.model.norm.weight.numel()
+    attention = 2 * n * n * model.d_head * model.n_heads * model.n_layers
+    assert forward_flops(model, n) == pytest.approx(2 * blocks * n + attention)
     assert estimate_seconds(analysis, "stats", n_layers, n_heads) is None
     note = probe_cost_note(ws, analysis, "importance", "ioi", 8)
     assert note.startswith("importance on 8 samples of ioi: ~") and "forwards of one" in note

@@ -1,19 +1,42 @@
 """Run-time estimates of slow jobs, shown before they start: a count of forward-equivalents
 (forwards of one input of ``n_tokens`` tokens; a backward counts 2) × the measured clean forward
-of the analysed prompt (:attr:`app.web.services.analysis.Analysis.forward_s`), scaled linearly by
-token count. Wall time on a shared CPU is noisy: the estimate is an order of magnitude."""
+of the analysed prompt (:attr:`app.web.services.analysis.Analysis.forward_s`), scaled to another
+length by the forward's arithmetic (:func:`forward_flops`: the blocks' matmuls grow with the
+length, causal attention with its square). Wall time on a shared CPU is noisy and a short
+prompt's forward is mostly fixed overhead: the estimate is an order of magnitude."""
 
 from __future__ import annotations
 
 from app.web.services.analysis import Analysis
 
 
+def forward_flops(model, n_tokens: int) -> float:
+    """Arithmetic of one forward of ``n_tokens`` tokens through the blocks of a loaded
+    :class:`workbench.model.HookedModel`, in FLOPs: 2 × the blocks' parameters per token (every
+    matmul; the embedding is a lookup) plus causal attention's ``QKᵀ`` and ``A·V``,
+    ``2·n²·d_head`` per query head and layer (half of each square is masked)."""
+    hf = model.bridge.original_model
+    embedding = hf.get_input_embeddings().weight
+    params = sum(p.numel() for p in hf.parameters()) - embedding.numel()
+    head = hf.get_output_embeddings()
+    if head is not None and head.weight is not embedding:
+        params -= head.weight.numel()
+    n = max(1, n_tokens)
+    return 2.0 * params * n + 2.0 * n * n * model.d_head * model.n_heads * model.n_layers
+
+
 def seconds_per_forward(analysis: Analysis | None, model_name: str, n_tokens: int) -> float | None:
-    """Seconds of one forward of an ``n_tokens`` input of ``model_name``, scaled from the analysis'
-    measured forward; None without one (no analysis, another model, or not measured)."""
+    """Seconds of one forward of an ``n_tokens`` input of ``model_name``: the analysis' measured
+    forward × :func:`forward_flops` at ``n_tokens`` / at the analysis' length; None without a
+    measured forward of that model (no analysis, another model, or not measured)."""
     if analysis is None or analysis.forward_s is None or analysis.model_name != model_name:
         return None
-    return analysis.forward_s * max(1, n_tokens) / max(1, analysis.n_tokens)
+    if n_tokens == analysis.n_tokens:
+        return analysis.forward_s
+    from workbench.model import load_model
+
+    model = load_model(model_name)  # the analysis' model: still loaded (the app keeps it)
+    return analysis.forward_s * forward_flops(model, n_tokens) / forward_flops(model, analysis.n_tokens)
 
 
 def format_seconds(seconds: float) -> str:

@@ -62,7 +62,7 @@ def check_request(ws: Workspace, seq_len, depths) -> tuple[int, list[float]]:
 
 def estimate_note(ws: Workspace, session: dict | None, model_name: str, seq_len, depths) -> str:
     """The run's estimate: one stats-mode capture of each needle sample (one per depth) of ``seq_len``
-    tokens, scaled linearly from the analysed prompt's measured forward (:mod:`app.web.services.cost`);
+    tokens, scaled from the analysed prompt's measured forward by the arithmetic (:mod:`app.web.services.cost`);
     "" without an analysis of ``model_name`` to scale from."""
     from app.web.services.analysis import get_analysis
     from app.web.services.cost import cost_note, seconds_per_forward
@@ -74,8 +74,8 @@ def estimate_note(ws: Workspace, session: dict | None, model_name: str, seq_len,
         return ""
     forwards = float(len(depths))
     return cost_note(f"{len(depths)} needle captures", forwards, analysis, seq_len, forwards * per_forward,
-                     bound="roughly", caveat="linear in length: attention grows faster at long lengths, the "
-                     "statistics capture is slower than a forward and a small prompt's forward is mostly overhead")
+                     bound="roughly", caveat="the statistics capture costs more than a plain forward, and a short "
+                     "prompt's forward is mostly fixed overhead")
 
 
 def start_taxonomy(ws: Workspace, model_name: str, seq_len, depths) -> str:
