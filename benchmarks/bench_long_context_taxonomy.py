@@ -10,7 +10,8 @@ For each length (default 4k, 8k, 16k, 32k tokens) on SmolLM2-135M:
      sample, ``probes.analyze(..., probes="retrieval,sparsity", mode="stats")`` (the stats capture
      with the long-context rows: arg-max key, streaming mass, block-pooled mass and both scorers, for
      all 270 heads), write the results, exit.
-   The table shows medians; ratios are medians of the per-pair ratios (as ``bench_long_context.py``).
+   The table shows medians; ratios (wall and CPU) are medians of the per-pair ratios (as
+   ``bench_long_context.py``).
 2. **Depth sweep**: one ``--child`` process over needles at ``--depths`` (default 10, 30, 50, 70,
    90 %), timed the same way; prints the heads with the highest mean retrieval score (95 % interval
    over the depths), the mean block density / streaming mass over all heads, the share of heads
@@ -128,7 +129,7 @@ def print_tables(rows: list[dict]) -> str:
     """Markdown tables: cost pairs (medians) and the depth sweeps."""
     lengths = sorted({r["length"] for r in rows})
     head = ["tokens", "pairs", "SDPA wall s", "taxonomy wall s", "wall ratio", "SDPA CPU s", "taxonomy CPU s",
-            "SDPA peak GB", "taxonomy peak GB"]
+            "CPU ratio", "SDPA peak GB", "taxonomy peak GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = [f"- {r.get('side', r['kind'])} @ {r['length']}: {r['error']}" for r in rows if "error" in r]
     for n in lengths:
@@ -144,15 +145,16 @@ def print_tables(rows: list[dict]) -> str:
             return statistics.median(p[side][key] for p in pairs)
 
         ratio = statistics.median(p["workbench"]["wall_s"] / p["reference"]["wall_s"] for p in pairs)
+        cpu_ratio = statistics.median(p["workbench"]["cpu_s"] / p["reference"]["cpu_s"] for p in pairs)
         lines.append("| " + " | ".join([
             str(n), str(len(pairs)), f"{med('reference', 'wall_s'):.1f}", f"{med('workbench', 'wall_s'):.1f}",
-            f"{ratio:.1f}x", f"{med('reference', 'cpu_s'):.1f}", f"{med('workbench', 'cpu_s'):.1f}",
+            f"{ratio:.1f}x", f"{med('reference', 'cpu_s'):.1f}", f"{med('workbench', 'cpu_s'):.1f}", f"{cpu_ratio:.2f}x",
             f"{med('reference', 'peak_gb'):.2f}", f"{med('workbench', 'peak_gb'):.2f}"]) + " |")
     sweep_head = ["tokens", "depths", "wall s", "peak GB", "top retrieval heads (mean [95% CI over depths])",
                   "heads >= 0.5", "block_density_90", "block_density_95", "xattn_recall", "hess_recall",
                   "streaming_mass", "streaming heads > 0.95", "KV saliency 90%"]
     lines += ["", "| " + " | ".join(sweep_head) + " |", "|" + "---|" * len(sweep_head)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["length"]):
         s = r.get("summary")
         if r["kind"] != "sweep" or not s or "error" in r:
             continue

@@ -114,13 +114,15 @@ def test_screenshots(dash_duo, make_app, ui, tmp_path, smollm2):
     ActionChains(dash_duo.driver).move_to_location(int(point[0]), int(point[1])).pause(0.3).click().perform()
     dash_duo.wait_for_element("#lc-thumb .heatmaplayer", timeout=300)
     ui.wait_until(lambda: "rows that predict the answer" in ui.text("#lc-row"), 300, "the needle rows")
+    ActionChains(dash_duo.driver).move_by_offset(0, 400).perform()  # off the point: no hover label on the shot
     ui.settle(1.5)
     dash_duo.driver.execute_script("window.scrollTo(0, 0)")
     shoot(dash_duo, "long-context", 1700)
 
     ui.go_to("/runs", "#runs-open")
-    dash_duo.find_element("#runs-path").send_keys(str(tmp_path / "runs" / "smollm2-135m-induction"))
-    dash_duo.find_element("#runs-compare-path").send_keys(str(tmp_path / "runs" / "smollm2-135m-calibration"))
+    dash_duo.select_dcc_dropdown("#runs-pick", value="smollm2-135m-induction")
+    dash_duo.select_dcc_dropdown("#runs-compare-pick", value="smollm2-135m-calibration")
+    ui.wait_until(lambda: dash_duo.find_element("#runs-compare-path").get_attribute("value"), 10, "the picked runs")
     dash_duo.find_element("#runs-open").click()
     dash_duo.wait_for_element("#runs-delta .heatmaplayer", timeout=60)
     ui.settle(1.5)
