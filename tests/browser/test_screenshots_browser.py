@@ -114,7 +114,7 @@ def test_screenshots(dash_duo, make_app, ui, tmp_path, smollm2):
     ActionChains(dash_duo.driver).move_to_location(int(point[0]), int(point[1])).pause(0.3).click().perform()
     dash_duo.wait_for_element("#lc-thumb .heatmaplayer", timeout=300)
     ui.wait_until(lambda: "rows that predict the answer" in ui.text("#lc-row"), 300, "the needle rows")
-    ActionChains(dash_duo.driver).move_by_offset(0, 400).perform()  # off the point: no hover label on the shot
+    ActionChains(dash_duo.driver).move_to_element(dash_duo.find_element("#lc-run")).perform()  # no hover label
     ui.settle(1.5)
     dash_duo.driver.execute_script("window.scrollTo(0, 0)")
     shoot(dash_duo, "long-context", 1700)
