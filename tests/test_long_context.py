@@ -262,6 +262,26 @@ def test_stats_equal_patterns_on_needles(tiny_llama):
     assert torch.equal(scores["patterns"], scores["stats"])
 
 
+def test_in_pass_rows_equal_the_second_pass(tiny_llama, monkeypatch):
+    """The rows the row_pass loop gives in the forward's own pass equal the second pass
+    (block_pass with the saved LSE) that a backend without them falls back to."""
+    from kernels import row_pass
+
+    calls = []
+    real = lck.block_pass
+    monkeypatch.setattr(lck, "block_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = load_dataset("needle", tiny_llama, n=2, seq_len=230)
+    settings = LongContextSettings(block_size=32, window=40)
+    in_pass = capture(tiny_llama, batch, mode="stats", progress=False, detectors=False, long_context=settings).extras
+    assert not calls  # the row_pass loop gave every row
+    monkeypatch.setattr(row_pass, "available", lambda q: False)  # auto -> sdpa_recompute: no rows in the pass
+    second = capture(tiny_llama, batch, mode="stats", progress=False, detectors=False, long_context=settings).extras
+    assert len(calls) == 2 * tiny_llama.n_layers  # one second pass per sample and layer
+    assert torch.equal(in_pass["lc.argmax"], second["lc.argmax"])
+    for name in ("lc.argmax_prob", "lc.streaming", "lc.density_90", "lc.density_95", "lc.xattn_recall", "lc.hess_recall"):
+        assert in_pass[name] == pytest.approx(second[name], abs=1e-5), name
+
+
 def test_pipeline_requests_rows_once_and_tables(tiny_llama):
     batch = load_dataset("needle", tiny_llama, n=2, seq_len=200)
     result = analyze(tiny_llama, batch, probes="retrieval,sparsity", mode="stats", progress=False)
