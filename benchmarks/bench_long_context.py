@@ -303,10 +303,14 @@ def whole_process(model_name: str, lengths: list[int], repeats: int, threads: in
     return rows
 
 
-def print_whole_process_table(rows: list[dict], lengths: list[int]) -> str:
-    """Markdown table of medians; ratios are medians of per-pair workbench/reference ratios."""
-    head = ["tokens", "pairs", "ref CPU s", "wb CPU s", "CPU ratio", "ref wall s", "wb wall s", "wall ratio",
-            "ref peak GB", "wb peak GB"]
+def pair_table_lines(rows: list[dict], lengths: list[int], names: tuple[str, str] = ("ref", "wb")) -> list[str]:
+    """Markdown lines of a pair table: per length, medians of the reference and workbench sides and
+    medians of the per-pair workbench/reference ratios (CPU and wall), peak memory; the error rows
+    of either side as notes below. ``rows``: ``{"side", "length", "pair", "cpu_s", ...}`` each;
+    ``names``: the two sides' column labels."""
+    ref, wb = names
+    head = ["tokens", "pairs", f"{ref} CPU s", f"{wb} CPU s", "CPU ratio", f"{ref} wall s", f"{wb} wall s",
+            "wall ratio", f"{ref} peak GB", f"{wb} peak GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = [f"- {r['side']} @ {r['length']} pair {r['pair']}: {r['error']}" for r in rows if "error" in r]
     for n in lengths:
@@ -329,7 +333,12 @@ def print_whole_process_table(rows: list[dict], lengths: list[int]) -> str:
                  f"{ratio('cpu_s'):.2f}x", f"{med('reference', 'wall_s'):.1f}", f"{med('workbench', 'wall_s'):.1f}",
                  f"{ratio('wall_s'):.2f}x", f"{med('reference', 'peak_gb'):.2f}", f"{med('workbench', 'peak_gb'):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines + ([""] + notes if notes else []))
+    return lines + ([""] + notes if notes else [])
+
+
+def print_whole_process_table(rows: list[dict], lengths: list[int]) -> str:
+    """Markdown table of medians; ratios are medians of per-pair workbench/reference ratios."""
+    text = "\n".join(pair_table_lines(rows, lengths))
     print(text, flush=True)
     return text
 

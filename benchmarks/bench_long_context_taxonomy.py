@@ -10,8 +10,8 @@ For each length (default 4k, 8k, 16k, 32k tokens) on SmolLM2-135M:
      sample, ``probes.analyze(..., probes="retrieval,sparsity", mode="stats")`` (the stats capture
      with the long-context rows: arg-max key, streaming mass, block-pooled mass and both scorers, for
      all 270 heads), write the results, exit.
-   The table shows medians; ratios (wall and CPU) are medians of the per-pair ratios (as
-   ``bench_long_context.py``).
+   The table shows medians; ratios (CPU and wall) are medians of the per-pair ratios (the same
+   table as ``bench_long_context.py --whole-process``: :func:`pair_table_lines`).
 2. **Depth sweep**: one ``--child`` process over needles at ``--depths`` (default 10, 30, 50, 70,
    90 %), timed the same way; prints the heads with the highest mean retrieval score (95 % interval
    over the depths), the mean block density / streaming mass over all heads, the share of heads
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_long_context import _folder, run_timed  # noqa: E402
+from benchmarks.bench_long_context import _folder, pair_table_lines, run_timed  # noqa: E402
 
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -127,29 +126,9 @@ def run(model_name: str, lengths: list[int], depths: list[float], repeats: int, 
 
 def print_tables(rows: list[dict]) -> str:
     """Markdown tables: cost pairs (medians) and the depth sweeps."""
-    lengths = sorted({r["length"] for r in rows})
-    head = ["tokens", "pairs", "SDPA wall s", "taxonomy wall s", "wall ratio", "SDPA CPU s", "taxonomy CPU s",
-            "CPU ratio", "SDPA peak GB", "taxonomy peak GB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes = [f"- {r.get('side', r['kind'])} @ {r['length']}: {r['error']}" for r in rows if "error" in r]
-    for n in lengths:
-        by_pair: dict[int, dict] = {}
-        for r in rows:
-            if r["kind"] == "pair" and r["length"] == n and "error" not in r:
-                by_pair.setdefault(r["pair"], {})[r["side"]] = r
-        pairs = [p for p in by_pair.values() if len(p) == 2]
-        if not pairs:
-            continue
-
-        def med(side, key):
-            return statistics.median(p[side][key] for p in pairs)
-
-        ratio = statistics.median(p["workbench"]["wall_s"] / p["reference"]["wall_s"] for p in pairs)
-        cpu_ratio = statistics.median(p["workbench"]["cpu_s"] / p["reference"]["cpu_s"] for p in pairs)
-        lines.append("| " + " | ".join([
-            str(n), str(len(pairs)), f"{med('reference', 'wall_s'):.1f}", f"{med('workbench', 'wall_s'):.1f}",
-            f"{ratio:.1f}x", f"{med('reference', 'cpu_s'):.1f}", f"{med('workbench', 'cpu_s'):.1f}", f"{cpu_ratio:.2f}x",
-            f"{med('reference', 'peak_gb'):.2f}", f"{med('workbench', 'peak_gb'):.2f}"]) + " |")
+    pairs = [r for r in rows if r["kind"] == "pair"]
+    lines = pair_table_lines(pairs, sorted({r["length"] for r in pairs}), names=("SDPA", "taxonomy"))
+    notes = [f"- sweep @ {r['length']}: {r['error']}" for r in rows if r["kind"] == "sweep" and "error" in r]
     sweep_head = ["tokens", "depths", "wall s", "peak GB", "top retrieval heads (mean [95% CI over depths])",
                   "heads >= 0.5", "block_density_90", "block_density_95", "xattn_recall", "hess_recall",
                   "streaming_mass", "streaming heads > 0.95", "KV saliency 90%"]
