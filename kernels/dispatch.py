@@ -105,6 +105,8 @@ def attention_with_stats(
         received / received_normalized [B, Hq, Nk] fp32 or None, rows or None)``.
     """
     dims = check_qk(q, k)
+    if row_extras is not None:  # checked for every backend, also those that leave rows None
+        row_extras = _check_row_extras(row_extras)
     chosen = resolve_backend(backend, q.device)
     if chosen == "row_pass" or (backend == "auto" and chosen == "chunked" and row_pass.available(q)):
         if not row_pass.available(q):
@@ -114,8 +116,6 @@ def attention_with_stats(
         mask = check_key_padding_mask(key_padding_mask, dims, q.device)
         if block_q is not None:
             block_q = check_block(block_q, "block_q")
-        if row_extras is not None:
-            row_extras = _check_row_extras(row_extras)
         return row_pass.row_pass_attention(q, k, v, dims, causal, mask, resolve_scale(scale, dims.head_dim),
                                            check_int(local_window, "local_window", low=0), received, block_q,
                                            row_extras)
