@@ -7,7 +7,7 @@ import html
 import pandas as pd
 import plotly.io as pio
 
-from probes.figures import head_heatmap, taxonomy_scatter, taxonomy_table
+from probes.figures import head_heatmap, kv_saliency_line, taxonomy_scatter, taxonomy_table
 
 
 def build_report(heads: pd.DataFrame, manifest: dict, top_k: int = 5) -> str:
@@ -17,9 +17,8 @@ def build_report(heads: pd.DataFrame, manifest: dict, top_k: int = 5) -> str:
     first = True
     taxonomy = ""
     if {"retrieval_score", "streaming_mass"} <= set(heads["metric"]):
-        kv = manifest.get("kv_saliency") or {}
-        note = f"<br><sup>KV saliency: {kv['mean']:.1%} of tokens hold {kv.get('keep', 0.9):.0%} of the received " \
-               "mass</sup>" if "mean" in kv else ""
+        kv = kv_saliency_line(manifest.get("kv_saliency") or {})
+        note = f"<br><sup>{kv}</sup>" if kv else ""
         fig = taxonomy_scatter(taxonomy_table(heads), title=f"every head by streaming mass and retrieval score{note}")
         taxonomy = "<h2>Long-context taxonomy</h2>" + pio.to_html(fig, include_plotlyjs=True, full_html=False)
         first = False

@@ -107,6 +107,14 @@ def taxonomy_table(frame: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def kv_saliency_line(kv: dict) -> str:
+    """``"KV saliency: 49.4% of tokens hold 90% of the received mass"`` from a run's ``kv_saliency``
+    (``SparsityProfile.kv_saliency_``: ``mean`` share, ``keep`` target); "" when either is missing."""
+    if not {"mean", "keep"} <= set(kv or {}):
+        return ""
+    return f"KV saliency: {kv['mean']:.1%} of tokens hold {kv['keep']:.0%} of the received mass"
+
+
 def taxonomy_scatter(table: pd.DataFrame, *, title: str) -> go.Figure:
     """Every head at (``streaming_mass``, ``retrieval_score``), coloured by ``block_density_90`` when
     present; ``customdata = (layer, head, density, ci_low, ci_high, xattn_recall)`` so a click can

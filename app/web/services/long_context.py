@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from app.web.jobs import JobContext
 from app.web.services.analysis import run_pipeline
 from app.web.services.workspace import Workspace
-from probes.figures import taxonomy_scatter, taxonomy_table
+from probes.figures import kv_saliency_line, taxonomy_scatter, taxonomy_table
 from workbench.batch import TokenBatch
 from workbench.errors import InputError
 
@@ -111,9 +111,7 @@ def build_taxonomy(model_name: str, seq_len: int, depths: list[float], ctx: JobC
 def taxonomy_figure(tax: Taxonomy) -> go.Figure:
     """Every head at (streaming_mass, retrieval_score), coloured by block_density_90
     (:func:`probes.figures.taxonomy_scatter`); a click selects the head."""
-    kv = tax.kv_saliency
-    return taxonomy_scatter(tax.table, title=f"{tax.description}<br><sup>KV saliency: {kv['mean']:.1%} of tokens "
-                                             f"hold {kv['keep']:.0%} of the received mass</sup>")
+    return taxonomy_scatter(tax.table, title=f"{tax.description}<br><sup>{kv_saliency_line(tax.kv_saliency)}</sup>")
 
 
 def sample_options(tax: Taxonomy) -> list[dict]:
